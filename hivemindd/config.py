@@ -1,0 +1,130 @@
+"""The daemon's typed configuration: defaults < config file (TOML) < HIVEMINDD_* env < flags.
+
+Flags and environment variables arrive together from click (a flag beats its
+variable there); ``build_config`` lays them over the file and the defaults.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hivemindd.launch import HostSettings
+
+SOCKET_PATH_LIMIT = 107  # sun_path is 108 bytes with the terminating NUL
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and where it came from."""
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Everything the daemon needs, built once in ``daemon.main`` and passed down."""
+
+    state_dir: Path
+    socket: Path
+    discovery: str
+    host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    announce_maddrs: tuple[str, ...] = ()
+    initial_peers: tuple[str, ...] = ()
+    log_format: str = "console"
+    heartbeat_s: float = 30.0
+    ttl_s: float = 90.0
+    stop_timeout_s: float = 60.0
+    host_defaults: HostSettings = field(default_factory=HostSettings)
+
+
+def default_state_dir() -> Path:
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "hivemindd"
+
+
+# Keys a config file may hold, with their type check; ``host`` is a table of HostSettings.
+_FILE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "state_dir": str,
+    "socket": str,
+    "discovery": str,
+    "host_maddrs": list,
+    "announce_maddrs": list,
+    "initial_peers": list,
+    "log_format": str,
+    "heartbeat": (int, float),
+    "ttl": (int, float),
+    "stop_timeout": (int, float),
+    "host": dict,
+}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse and type-check a TOML config file (keys as in ``_FILE_KEYS``)."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for key, value in raw.items():
+        if key not in _FILE_KEYS:
+            close = difflib.get_close_matches(key, list(_FILE_KEYS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{path}: unknown key {key!r}{hint}")
+        expected = _FILE_KEYS[key]
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise ConfigError(f"{path}: {key} has the wrong type ({type(value).__name__})")
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{path}: {key} must be a list of strings")
+    return raw
+
+
+def build_config(cli: dict[str, Any]) -> DaemonConfig:
+    """Merge flags/env (``cli``: None or empty tuple = not given) over the config file and defaults."""
+    file_values = read_config_file(Path(cli["config"])) if cli.get("config") else {}
+
+    def pick(key: str, file_key: str | None = None) -> Any:
+        value = cli.get(key)
+        if value is not None and value != ():
+            return value
+        return file_values.get(file_key or key)
+
+    state_dir = Path(pick("state_dir") or default_state_dir()).expanduser().absolute()
+    socket = Path(pick("socket") or state_dir / "hivemindd.sock").expanduser().absolute()
+    if len(os.fsencode(socket)) > SOCKET_PATH_LIMIT:
+        raise ConfigError(
+            f"socket path {socket} is {len(os.fsencode(socket))} bytes; unix sockets allow {SOCKET_PATH_LIMIT}: "
+            "pass a shorter --socket"
+        )
+    discovery = pick("discovery") or (state_dir / "discovery").as_uri()
+    log_format = pick("log_format") or "console"
+    if log_format not in ("console", "json"):
+        raise ConfigError(f"log_format must be 'console' or 'json', got {log_format!r}")
+    heartbeat = float(pick("heartbeat") or 30.0)
+    ttl = float(pick("ttl") or 3 * heartbeat)
+    stop_timeout = float(pick("stop_timeout") or 60.0)
+    for name, value in (("heartbeat", heartbeat), ("ttl", ttl), ("stop_timeout", stop_timeout)):
+        if not value > 0:
+            raise ConfigError(f"{name} must be > 0 seconds, got {value}")
+    if ttl < heartbeat:
+        raise ConfigError(f"ttl ({ttl} s) must be at least one heartbeat ({heartbeat} s), or peers flap")
+    host_defaults = HostSettings.from_dict(file_values.get("host", {}))
+    if host_defaults.problems():
+        key, message = host_defaults.problems()[0]
+        raise ConfigError(f"{cli.get('config')}: host.{key} {message}")
+    maddrs = tuple(pick("host_maddr", "host_maddrs") or ("/ip4/127.0.0.1/tcp/0",))
+    return DaemonConfig(
+        state_dir=state_dir,
+        socket=socket,
+        discovery=discovery,
+        host_maddrs=maddrs,
+        announce_maddrs=tuple(pick("announce_maddr", "announce_maddrs") or ()),
+        initial_peers=tuple(pick("initial_peer", "initial_peers") or ()),
+        log_format=log_format,
+        heartbeat_s=heartbeat,
+        ttl_s=ttl,
+        stop_timeout_s=stop_timeout,
+        host_defaults=host_defaults,
+    )

@@ -1,0 +1,404 @@
+"""``hivemindd``: the per-host daemon. Flags → one DaemonConfig → ``Daemon`` (start → run → stop).
+
+Parts start in this order and stop in reverse: state-dir lock, desired state,
+stale-trainer cleanup, discovery read, host DHT, discovery agent, supervisor,
+control API. Signals only set a flag; SIGTERM takes the same path as any stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import random
+import re
+import signal
+import socket
+import sys
+import time
+import warnings
+from contextlib import suppress
+from functools import partial
+from typing import Any
+
+import click
+import structlog
+from aiohttp import web
+
+from hivemindd import __version__
+from hivemindd.api import build_app
+from hivemindd.config import ConfigError, DaemonConfig, build_config
+from hivemindd.dht import HostDHT
+from hivemindd.discovery import DiscoveryError, PeerRecord, open_backend
+from hivemindd.discovery.agent import DiscoveryAgent
+from hivemindd.launch import HostSettings, TrainerLaunch
+from hivemindd.logfile import TrainerLog
+from hivemindd.process import PidFile, ProcessSpawner
+from hivemindd.protocol import JoinRequest, RequestError
+from hivemindd.spec import RunSpec, SpecError, parse_json, parse_toml
+from hivemindd.state import DesiredState, StateError, StatePaths, load_state, save_state, write_atomic
+from hivemindd.supervisor import Supervisor
+
+log = structlog.get_logger(__name__)
+
+MAX_BOOTSTRAP_PEERS = 8
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start; the message says what to do."""
+
+
+class Daemon:
+    """One per host: owns the DHT node, discovery, the supervisor and the control API."""
+
+    def __init__(self, cfg: DaemonConfig) -> None:
+        self.cfg = cfg
+        self.paths = StatePaths(cfg.state_dir)
+        self.hostname = socket.gethostname()
+        self._stop_event = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lock_fd: int | None = None
+        self._runner: web.AppRunner | None = None
+        self.desired = DesiredState()
+        self.dht: HostDHT | None = None
+        self.agent: DiscoveryAgent | None = None
+        self.supervisor: Supervisor | None = None
+        self.trainer_log: TrainerLog | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_state_dir()
+        try:
+            self.desired = load_state(self.paths.state_file)
+        except StateError as exc:
+            raise StartupError(str(exc)) from None
+        stale = await asyncio.to_thread(PidFile(self.paths.pid_file).end_stale)
+        if stale:
+            log.warning("trainer.stale_ended", pid=stale)
+        if self.cfg.discovery == (self.paths.root / "discovery").as_uri():
+            (self.paths.root / "discovery").mkdir(exist_ok=True)  # the embedded default needs no setup
+        try:
+            backend = open_backend(self.cfg.discovery)
+        except DiscoveryError as exc:
+            raise StartupError(str(exc)) from None
+        self.dht = HostDHT(self.paths.identity, self.cfg.host_maddrs, self.cfg.announce_maddrs)
+        self.agent = DiscoveryAgent(
+            backend, describe=self._describe, on_new_peers=self._connect_peers,
+            heartbeat_s=self.cfg.heartbeat_s, ttl_s=self.cfg.ttl_s,
+        )
+        await self.agent.set_run(self.desired.run_id)
+        found = await self.agent.read_once()
+        random.shuffle(found)
+        bootstrap = list(self.cfg.initial_peers) + [m for r in found[:MAX_BOOTSTRAP_PEERS] for m in r.maddrs]
+        # The DHT forks: it must start before signal handlers and the API socket exist.
+        await asyncio.to_thread(self.dht.start, bootstrap)
+        self.trainer_log = TrainerLog(self.paths.trainer_log)
+        self.supervisor = Supervisor(
+            ProcessSpawner(PidFile(self.paths.pid_file)), self.trainer_log, stop_timeout_s=self.cfg.stop_timeout_s,
+        )
+        self._tasks = [
+            asyncio.create_task(self.agent.run(), name="discovery"),
+            asyncio.create_task(self.supervisor.run(), name="supervisor"),
+        ]
+        await self._serve_api()
+        self._reconcile(user_action=False)
+        log.info("daemon.started", peer_id=self.dht.peer_id, socket=str(self.cfg.socket), run_id=self.desired.run_id,
+                 paused=self.desired.paused, discovery=self.cfg.discovery, version=__version__)
+
+    async def run(self) -> None:
+        await self._stop_event.wait()
+
+    def request_stop(self) -> None:
+        self._stop_event.set()
+
+    async def stop(self) -> None:
+        log.info("daemon.stopping")
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self.cfg.socket.unlink(missing_ok=True)
+        if self.supervisor is not None:
+            await self.supervisor.shutdown()
+        if self.agent is not None:
+            await self.agent.withdraw()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.dht is not None:
+            await asyncio.to_thread(self.dht.stop)
+        if self.trainer_log is not None:
+            self.trainer_log.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+        log.info("daemon.stopped")
+
+    def _lock_state_dir(self) -> None:
+        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise StartupError(
+                f"another hivemindd (pid {holder or '?'}) is using {self.paths.root}; stop it or pass another --state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    async def _serve_api(self) -> None:
+        path = self.cfg.socket
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(str(path))
+                raise StartupError(f"{path} is in use by another process; pass another --socket")
+            except (ConnectionRefusedError, FileNotFoundError):
+                path.unlink(missing_ok=True)  # left by a daemon that died
+            finally:
+                probe.close()
+        self._runner = web.AppRunner(build_app(self), access_log=None)
+        await self._runner.setup()
+        old_umask = os.umask(0o117)  # the socket is born 0660: no window where others may connect
+        try:
+            await web.UnixSite(self._runner, str(path)).start()
+        finally:
+            os.umask(old_umask)
+
+    # --- reconciling desired state ---------------------------------------------------------
+
+    def _reconcile(self, user_action: bool) -> None:
+        assert self.supervisor is not None
+        d = self.desired
+        if d.run_id is None:
+            self.supervisor.want(None, None, False, user_action)
+            return
+        key = f"{d.run_id}:{json.dumps(d.host.to_dict(), sort_keys=True)}"
+        self.supervisor.want(key, partial(self._launch, d.run_id, d.host), d.paused, user_action)
+
+    def _launch(self, run_id: str, host: HostSettings) -> TrainerLaunch:
+        """Built at every (re)start, so a restarted trainer bootstraps from the peers known now."""
+        assert self.dht is not None and self.agent is not None
+        try:
+            spec = parse_json(self.paths.run_spec(run_id).read_bytes(), source=str(self.paths.run_spec(run_id)))
+        except OSError as exc:
+            raise SpecError(f"cannot read the run spec: {exc}; `hmctl leave` then join again") from None
+        peers = self.agent.peers()
+        random.shuffle(peers)
+        initial = self.dht.maddrs + [m for p in peers[:MAX_BOOTSTRAP_PEERS] for m in p["maddrs"]]
+        # The trainer runs its own p2pd: same interfaces as the host node, any free port.
+        trainer_maddrs = tuple(re.sub(r"/(tcp|udp)/\d+", r"/\1/0", m) for m in self.cfg.host_maddrs)
+        return TrainerLaunch(
+            run_id=run_id, spec=spec, host=host, work_dir=str(self.paths.run_dir(run_id)),
+            cache_dir=str(self.paths.cache), initial_peers=tuple(initial), host_maddrs=trainer_maddrs,
+        )
+
+    async def _set_desired(self, desired: DesiredState, user_action: bool = True) -> None:
+        save_state(self.paths.state_file, desired)
+        self.desired = desired
+        assert self.agent is not None
+        await self.agent.set_run(desired.run_id)
+        self._reconcile(user_action)
+
+    # --- the control API (api.Controller) ----------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        assert self.dht is not None and self.agent is not None and self.supervisor is not None
+        trainer = self.supervisor.snapshot()
+        trainer["error_lines"] = self.supervisor.error_lines()
+        return {
+            "version": __version__,
+            "hostname": self.hostname,
+            "peer_id": self.dht.peer_id,
+            "maddrs": self.dht.maddrs,
+            "dht": {"alive": self.dht.alive},
+            "run_id": self.desired.run_id,
+            "paused": self.desired.paused,
+            "host": self.desired.host.to_dict() if self.desired.run_id else None,
+            "trainer": trainer,
+            "discovery": self.agent.status(),
+            "peers": len(self.agent.peers()),
+            "state_dir": str(self.paths.root),
+        }
+
+    def peers(self) -> list[dict[str, Any]]:
+        assert self.agent is not None
+        return self.agent.peers()
+
+    async def join(self, request: JoinRequest) -> dict[str, Any]:
+        assert self.agent is not None
+        current = self.desired.run_id
+        if current is not None and current != request.run_id:
+            raise RequestError(f"this host is in run {current!r}; `hmctl leave` first", field="run_id",
+                               status=409, code="conflict")
+        base = self.desired.host if current == request.run_id else self.cfg.host_defaults
+        host = HostSettings(
+            device=request.device if request.device is not None else base.device,
+            batch_size=request.batch_size if request.batch_size is not None else base.batch_size,
+            workers=request.workers if request.workers is not None else base.workers,
+        )
+        for field, message in host.problems():
+            raise RequestError(f"{field} {message}", field=field)
+        spec, created = await self._resolve_spec(request)
+        write_atomic(self.paths.run_spec(request.run_id), spec.to_json().encode())
+        await self._set_desired(self.desired.joined(request.run_id, host))
+        log.info("run.joined", run_id=request.run_id, created=created, host=host.to_dict())
+        return {"run_id": request.run_id, "created": created, "host": host.to_dict(), "spec": spec.to_dict()}
+
+    async def _resolve_spec(self, request: JoinRequest) -> tuple[RunSpec, bool]:
+        """The run's spec: published now from ``spec_toml``, or fetched from discovery."""
+        assert self.agent is not None
+        run_id = request.run_id
+        try:
+            if request.spec_toml is not None:
+                try:
+                    spec = parse_toml(request.spec_toml, source=request.spec_source)
+                except SpecError as exc:
+                    raise RequestError(str(exc), field="spec_toml") from None
+                created, published = await self.agent.publish_spec(run_id, spec.to_json().encode())
+                if not created and _published(published, run_id) != spec:
+                    raise RequestError(
+                        f"run {run_id!r} already exists with a different spec; join it without --spec, "
+                        "or create a new run id", field="spec_toml", status=409, code="conflict")
+                return spec, created
+            body = await self.agent.fetch_spec(run_id)
+        except DiscoveryError as exc:
+            raise RequestError(f"discovery store unavailable: {exc}", status=503, code="unavailable") from None
+        if body is None:
+            raise RequestError(
+                f"run {run_id!r} does not exist in {self.cfg.discovery}; create it with "
+                f"`hmctl join --run-id {run_id} --spec FILE.toml`", field="run_id", status=404, code="not_found")
+        return _published(body, run_id), False
+
+    async def leave(self) -> dict[str, Any]:
+        if self.desired.run_id is None:
+            raise RequestError("this host is not in a run", status=409, code="conflict")
+        run_id = self.desired.run_id
+        await self._set_desired(self.desired.left())
+        log.info("run.left", run_id=run_id)
+        return {"run_id": None, "left": run_id}
+
+    async def pause(self) -> dict[str, Any]:
+        return await self._pause(True)
+
+    async def resume(self) -> dict[str, Any]:
+        return await self._pause(False)
+
+    async def _pause(self, paused: bool) -> dict[str, Any]:
+        if self.desired.run_id is None:
+            raise RequestError("this host is not in a run: nothing to pause or resume", status=409, code="conflict")
+        await self._set_desired(self.desired.with_paused(paused))
+        log.info("run.paused" if paused else "run.resumed", run_id=self.desired.run_id)
+        return {"run_id": self.desired.run_id, "paused": paused}
+
+    def logs(self, n: int, after: int | None) -> dict[str, Any]:
+        assert self.trainer_log is not None
+        if after is None:
+            return {"lines": self.trainer_log.tail(n), "next": self.trainer_log.seq}
+        items = self.trainer_log.after(after, n)
+        return {"lines": [line for _, line in items], "next": items[-1][0] if items else max(after, 0)}
+
+    # --- discovery callbacks ----------------------------------------------------------------
+
+    def _describe(self) -> PeerRecord:
+        assert self.dht is not None
+        state = "idle" if self.supervisor is None or self.desired.run_id is None else self.supervisor.state.value
+        return PeerRecord(
+            peer_id=self.dht.peer_id, maddrs=tuple(self.dht.maddrs), hostname=self.hostname, version=__version__,
+            state=state, run_id=self.desired.run_id, heartbeat=time.time(),
+        )
+
+    async def _connect_peers(self, records: list[PeerRecord]) -> None:
+        assert self.dht is not None
+        answered = await self.dht.connect([(r.peer_id, r.maddrs) for r in records])
+        log.info("dht.connected_new_peers", asked=len(records), answered=answered)
+
+
+def _published(body: bytes, run_id: str) -> RunSpec:
+    try:
+        return parse_json(body, source=f"runs/{run_id}/spec.json")
+    except SpecError as exc:
+        raise RequestError(f"the published spec of run {run_id!r} is unusable: {exc}", status=502,
+                           code="bad_published_spec") from None
+
+
+def configure_logging(fmt: str) -> None:
+    renderer: Any = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(
+        colors=sys.stderr.isatty())
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"), renderer],
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+async def serve(cfg: DaemonConfig) -> None:
+    daemon = Daemon(cfg)
+    try:
+        await daemon.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.request_stop)
+        await daemon.run()
+    finally:
+        with suppress(asyncio.CancelledError):
+            await daemon.stop()
+
+
+@click.group(invoke_without_command=True, context_settings={"auto_envvar_prefix": "HIVEMINDD",
+                                                             "help_option_names": ["-h", "--help"]})
+@click.option("--config", type=click.Path(dir_okay=False), help="TOML config file (keys as the long flags, '_' for '-').")
+@click.option("--state-dir", help="Where state.json, keys, logs and checkpoints live. [~/.local/state/hivemindd]")
+@click.option("--socket", help="Control socket path. [<state-dir>/hivemindd.sock]")
+@click.option("--discovery", help="Where peers meet: file:///path or gs://bucket/prefix. [file://<state-dir>/discovery]")
+@click.option("--host-maddr", multiple=True, help="Listen multiaddr of the DHT node (repeatable). [/ip4/127.0.0.1/tcp/0]")
+@click.option("--announce-maddr", multiple=True, help="Multiaddr others should dial, with an explicit port (repeatable).")
+@click.option("--initial-peer", multiple=True, help="Extra bootstrap multiaddr, /ip4/…/p2p/<peer id> (repeatable).")
+@click.option("--heartbeat", type=float, help="Seconds between discovery refreshes. [30]")
+@click.option("--ttl", type=float, help="Seconds after which a silent peer is ignored. [3 heartbeats]")
+@click.option("--stop-timeout", type=float, help="Seconds the trainer gets to checkpoint on stop. [60]")
+@click.option("--log-format", type=click.Choice(["console", "json"]), help="Daemon log format. [console]")
+@click.version_option(__version__, prog_name="hivemindd")
+@click.pass_context
+def main(ctx: click.Context, **flags: Any) -> None:
+    """hivemindd: train one model together with other machines, no coordinator.
+
+    Run it in the foreground (or as a service) and drive it with hmctl:
+
+    \b
+      hivemindd --state-dir ~/.local/state/hivemindd &
+      hmctl join --run-id demo --spec examples/demo.toml
+      hmctl status
+
+    Every flag can also come from a HIVEMINDD_<FLAG> environment variable
+    (e.g. HIVEMINDD_STATE_DIR) or the --config file; flags win.
+    `hivemindd demo` starts a whole local swarm in one command.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        cfg = build_config(flags)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    configure_logging(cfg.log_format)
+    # hivemind imports torch, whose deprecation chatter is not the owner's concern.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        asyncio.run(serve(cfg))
+    except StartupError as exc:
+        click.echo(f"hivemindd: {exc}", err=True)
+        sys.exit(78)  # EX_CONFIG
+
+
+def _register_subcommands() -> None:
+    from hivemindd.demo import demo
+
+    main.add_command(demo)
+
+
+_register_subcommands()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The host's DHT node: a stable identity, and the doorway trainers bootstrap through."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from hivemindd.state import write_atomic
+
+log = structlog.get_logger(__name__)
+
+
+def ensure_identity(path: Path) -> str:
+    """Create the node's private key (mode 0600) unless it exists; returns the peer id it gives."""
+    from hivemind.p2p import PeerID
+    from hivemind.proto import crypto_pb2
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    if path.exists():
+        os.chmod(path, 0o600)
+    else:
+        key = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=RSAPrivateKey().to_bytes())
+        write_atomic(path, key.SerializeToString(), mode=0o600)
+    return str(PeerID.from_identity(path.read_bytes()).to_base58())
+
+
+async def _connect(_dht: Any, node: Any, peers: Sequence[tuple[str, Sequence[str]]]) -> int:
+    """Runs inside the DHT process: dial each peer and add it to the routing table."""
+    from hivemind.p2p import PeerID
+    from multiaddr import Multiaddr
+
+    async def one(peer_id: str, maddrs: Sequence[str]) -> bool:
+        pid = PeerID.from_base58(peer_id)
+        try:
+            await asyncio.wait_for(node.p2p._client.connect(pid, [Multiaddr(m) for m in maddrs]), timeout=10)
+            return await node.protocol.call_ping(pid) is not None
+        except Exception:
+            return False
+
+    results = await asyncio.gather(*(one(pid, maddrs) for pid, maddrs in peers))
+    return sum(results)
+
+
+class HostDHT:
+    """Owns one ``hivemind.DHT`` process (and its p2pd) for the daemon's lifetime."""
+
+    def __init__(
+        self,
+        identity_path: Path,
+        host_maddrs: Sequence[str],
+        announce_maddrs: Sequence[str],
+    ) -> None:
+        self.identity_path = identity_path
+        self.host_maddrs = list(host_maddrs)
+        self.announce_maddrs = list(announce_maddrs)
+        self._dht: Any = None
+        self.peer_id = ensure_identity(identity_path)
+        self.maddrs: list[str] = []
+
+    def start(self, initial_peers: Sequence[str]) -> None:
+        """Blocking: start the DHT process. Call before installing signal handlers (it forks)."""
+        import hivemind
+
+        self._dht = hivemind.DHT(
+            initial_peers=list(initial_peers),
+            host_maddrs=self.host_maddrs,
+            announce_maddrs=self.announce_maddrs or None,
+            identity_path=str(self.identity_path),
+            # The state-dir lock guarantees nobody else holds this key; the check costs seconds.
+            check_if_identity_free=False,
+            # Stale discovery records must not stop the daemon: it retries through the agent.
+            ensure_bootstrap_success=False,
+            start=True,
+        )
+        self.maddrs = [str(m) for m in self._dht.get_visible_maddrs()]
+        log.info("dht.started", peer_id=self.peer_id, maddrs=self.maddrs, bootstrap_peers=len(initial_peers))
+
+    @property
+    def alive(self) -> bool:
+        return self._dht is not None and self._dht.is_alive()
+
+    async def connect(self, peers: Sequence[tuple[str, Sequence[str]]]) -> int:
+        """Dial newly discovered peers so that separate islands merge; returns how many answered."""
+        if not self.alive or not peers:
+            return 0
+        call = partial(_connect, peers=[(pid, list(m)) for pid, m in peers])
+        connected: int = await asyncio.to_thread(self._dht.run_coroutine, call)
+        return connected
+
+    def stop(self) -> None:
+        if self._dht is not None:
+            self._dht.shutdown()
+            self._dht.join(timeout=10)
+            self._dht = None

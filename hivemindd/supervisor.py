@@ -1,0 +1,306 @@
+"""The trainer's lifecycle: named states, one ``transition()``, and a restart policy.
+
+One task (``Supervisor.run``) owns the trainer process. The daemon only says what
+it wants (``want``); the loop starts, stops and restarts the trainer to match,
+with capped exponential backoff plus jitter, and parks it in ``crashloop`` after
+repeated fast failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from hivemindd.launch import TrainerLaunch
+from hivemindd.logfile import TrainerLog
+from hivemindd.process import Spawner, TrainerHandle
+
+log = structlog.get_logger(__name__)
+
+EXIT_CONFIG_ERROR = 2  # the trainer's "restarting will not fix this" exit code
+
+
+class TrainerState(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    BACKOFF = "backoff"
+    CRASHLOOP = "crashloop"
+    PAUSED = "paused"
+
+
+S = TrainerState
+# Every edge the supervisor may take; anything else is a bug and raises.
+_EDGES: dict[TrainerState, set[TrainerState]] = {
+    S.STOPPED: {S.STARTING, S.PAUSED},  # joined a run / joined while paused (daemon start)
+    S.PAUSED: {S.STARTING, S.STOPPED},  # resume / leave
+    S.STARTING: {S.RUNNING, S.STOPPING, S.BACKOFF, S.CRASHLOOP},  # ready / asked to stop / died early
+    S.RUNNING: {S.STOPPING, S.BACKOFF, S.CRASHLOOP},  # asked to stop / died
+    S.STOPPING: {S.STOPPED, S.PAUSED},  # exited after SIGTERM (or SIGKILL past the timeout)
+    S.BACKOFF: {S.STARTING, S.STOPPED, S.PAUSED},  # delay over / leave / pause
+    S.CRASHLOOP: {S.STARTING, S.STOPPED, S.PAUSED},  # cooldown over or user action / leave / pause
+}
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How quickly to restart a failed trainer, and when to stop trying for a while."""
+
+    base_delay_s: float = 1.0
+    max_delay_s: float = 60.0
+    jitter: float = 0.1  # ± this fraction, so a swarm that crashed together does not restart in lockstep
+    stable_after_s: float = 60.0  # a run this long resets the failure count
+    crashloop_failures: int = 5
+    crashloop_window_s: float = 300.0
+    crashloop_cooldown_s: float = 300.0
+
+    def delay(self, consecutive_failures: int, rand: float) -> float:
+        """Backoff before restart number ``consecutive_failures`` (1, 2, 4 … capped), jittered."""
+        raw = min(self.max_delay_s, self.base_delay_s * 2 ** max(0, consecutive_failures - 1))
+        return raw * (1 + self.jitter * (2 * rand - 1))
+
+
+@dataclass
+class RestartTracker:
+    """Counts failures against the policy; the clock is injected so tests need no sleeping."""
+
+    policy: RestartPolicy
+    consecutive: int = 0
+    failures: list[float] = field(default_factory=list)
+
+    def record_exit(self, started_at: float, now: float, rand: float) -> tuple[bool, float]:
+        """After an unexpected exit: (crashloop?, seconds to wait before the next start)."""
+        if now - started_at >= self.policy.stable_after_s:
+            self.reset()
+        self.consecutive += 1
+        self.failures = [t for t in self.failures if now - t < self.policy.crashloop_window_s] + [now]
+        if len(self.failures) >= self.policy.crashloop_failures:
+            return True, self.policy.crashloop_cooldown_s
+        return False, self.policy.delay(self.consecutive, rand)
+
+    def reset(self) -> None:
+        self.consecutive = 0
+        self.failures = []
+
+
+@dataclass(frozen=True)
+class Desired:
+    """What the daemon wants: a trainer for ``key`` (None: none), or paused."""
+
+    key: str | None
+    factory: Callable[[], TrainerLaunch] | None
+    paused: bool
+
+
+class Supervisor:
+    """Keeps the trainer process in the desired state; see the module docstring."""
+
+    def __init__(
+        self,
+        spawner: Spawner,
+        trainer_log: TrainerLog,
+        *,
+        policy: RestartPolicy = RestartPolicy(),
+        stop_timeout_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._spawner = spawner
+        self._log = trainer_log
+        self._tracker = RestartTracker(policy)
+        self._stop_timeout_s = stop_timeout_s
+        self._clock = clock
+        self._rand = rand
+        self._desired = Desired(None, None, False)
+        self._changed = asyncio.Event()
+        self.state = S.STOPPED
+        self._since = clock()
+        self._retry_at: float | None = None
+        self._handle: TrainerHandle | None = None
+        self._handle_key: str | None = None
+        self._started_at = 0.0
+        self._stop_requested = False
+        self.restarts = 0
+        self.info: dict[str, Any] = {}  # what the trainer reported: step, epoch, loss …
+        self.last_error: str | None = None
+        self.last_exit_code: int | None = None
+
+    # --- what the daemon says --------------------------------------------------------------
+
+    def want(self, key: str | None, factory: Callable[[], TrainerLaunch] | None, paused: bool,
+             user_action: bool = False) -> None:
+        """Ask for a trainer for ``key`` (or none); ``user_action`` retries a crashloop now."""
+        if key != self._desired.key:
+            self.info = {}
+        self._desired = Desired(key, factory, paused)
+        if user_action:
+            self._tracker.reset()
+            self._retry_at = None
+        self._changed.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        retry_in = None if self._retry_at is None else max(0.0, round(self._retry_at - self._clock(), 1))
+        return {
+            "state": self.state.value,
+            "pid": self._handle.pid if self._handle else None,
+            "restarts": self.restarts,
+            "since_s": round(self._clock() - self._since, 1),
+            "retry_in_s": retry_in if self.state in (S.BACKOFF, S.CRASHLOOP) else None,
+            "last_error": self.last_error,
+            "last_exit_code": self.last_exit_code,
+            "step": self.info.get("step"),
+            "epoch": self.info.get("epoch"),
+            "checkpoint_step": self.info.get("checkpoint_step"),
+            "loss": self.info.get("loss"),
+            "samples_per_s": self.info.get("samples_per_s"),
+            "lr": self.info.get("lr"),
+            "resumed_from": self.info.get("resumed_from"),
+            "trainer_peer_id": self.info.get("peer_id"),
+        }
+
+    def error_lines(self, n: int = 20) -> list[str]:
+        return self._log.tail(n) if self.state in (S.CRASHLOOP, S.BACKOFF) else []
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def transition(self, new: TrainerState, reason: str) -> None:
+        if new is self.state:
+            return
+        if new not in _EDGES[self.state]:
+            raise RuntimeError(f"trainer state {self.state.value} → {new.value} is not allowed ({reason})")
+        log.info("trainer.state", old=self.state.value, new=new.value, reason=reason)
+        self._log.note(f"trainer {self.state.value} -> {new.value}: {reason}")
+        self.state = new
+        self._since = self._clock()
+
+    async def run(self) -> None:
+        """Reconcile forever; cancelled by ``shutdown`` once the trainer is down."""
+        while True:
+            self._changed.clear()
+            desired = self._desired
+            if self._handle is not None:
+                if desired.key != self._handle_key or desired.paused:
+                    await self._stop_trainer("paused" if desired.paused else "left the run or settings changed")
+                    continue
+                await self._watch_trainer()
+                continue
+            if desired.key is None or desired.factory is None:
+                self._retry_at = None
+                self.transition(S.STOPPED, "no run joined")
+            elif desired.paused:
+                self._retry_at = None
+                self.transition(S.PAUSED, "paused by the owner")
+            elif self._retry_at is not None and self._clock() < self._retry_at:
+                await self._wait_changed(self._retry_at - self._clock())
+                continue
+            else:
+                await self._start_trainer(desired.key, desired.factory)
+                continue
+            await self._changed.wait()
+
+    async def shutdown(self) -> None:
+        """Stop the trainer (checkpoint on SIGTERM) and leave it stopped."""
+        self.want(None, None, False)
+        if self._handle is not None:
+            await self._stop_trainer("daemon shutting down")
+
+    async def _start_trainer(self, key: str, factory: Callable[[], TrainerLaunch]) -> None:
+        was_failure = self.state in (S.BACKOFF, S.CRASHLOOP)
+        self._retry_at = None
+        self.transition(S.STARTING, "restart after failure" if was_failure else "run joined")
+        self._started_at = self._clock()  # a failed spawn must count as a fast failure too
+        try:
+            launch = factory()
+            handle = await self._spawner.spawn(launch, self._on_event, self._log.write)
+        except Exception as exc:  # a launch we cannot even build or exec: treat as a failed start
+            self.last_error = f"cannot start the trainer: {exc}"
+            log.error("trainer.spawn_failed", error=str(exc))
+            self._after_failure(None)
+            return
+        if was_failure:
+            self.restarts += 1
+        self._handle, self._handle_key = handle, key
+        self._stop_requested = False
+        log.info("trainer.spawned", pid=handle.pid, run=key)
+
+    async def _watch_trainer(self) -> None:
+        assert self._handle is not None
+        exit_task = asyncio.ensure_future(self._handle.wait())
+        change_task = asyncio.ensure_future(self._changed.wait())
+        try:
+            await asyncio.wait({exit_task, change_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            change_task.cancel()
+            if not exit_task.done():
+                exit_task.cancel()
+        if exit_task.done() and not exit_task.cancelled():
+            self._after_failure(exit_task.result())
+
+    async def _stop_trainer(self, reason: str) -> None:
+        assert self._handle is not None
+        handle = self._handle
+        self.transition(S.STOPPING, reason)
+        self._stop_requested = True
+        handle.terminate()
+        try:
+            async with asyncio.timeout(self._stop_timeout_s):
+                code = await handle.wait()
+        except TimeoutError:
+            log.warning("trainer.stop_timeout", pid=handle.pid, timeout_s=self._stop_timeout_s)
+            self._log.note(f"trainer did not stop within {self._stop_timeout_s:.0f} s; killing it")
+            handle.kill()
+            code = await handle.wait()
+        self.last_exit_code = code
+        self._handle = self._handle_key = None
+        self.transition(S.PAUSED if self._desired.paused and self._desired.key else S.STOPPED, f"exited with {code}")
+
+    def _after_failure(self, code: int | None) -> None:
+        """The trainer died (or never started): back off, or park it in crashloop."""
+        self._handle = self._handle_key = None
+        self.last_exit_code = code
+        if code is not None and self.last_error is None:
+            self.last_error = f"trainer exited with code {code}"
+        if code == EXIT_CONFIG_ERROR:
+            crashloop, delay = True, self._tracker.policy.crashloop_cooldown_s
+        else:
+            crashloop, delay = self._tracker.record_exit(self._started_at, self._clock(), self._rand())
+        self._retry_at = self._clock() + delay
+        if crashloop:
+            self.transition(S.CRASHLOOP, f"{self.last_error}; retrying in {delay:.0f} s")
+        else:
+            self.transition(S.BACKOFF, f"exit code {code}; restarting in {delay:.1f} s")
+
+    async def _wait_changed(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that races the event.
+            async with asyncio.timeout(max(0.0, timeout)):
+                await self._changed.wait()
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        fields: dict[str, Any] = {k: event[k] for k in ("step", "epoch", "loss", "samples_per_s", "lr", "samples") if k in event}
+        self.info.update(fields)
+        if kind == "started":
+            self.info["peer_id"] = event.get("peer_id")
+            if self.state is S.STARTING:
+                self.transition(S.RUNNING, "trainer reported ready")
+        elif kind == "resumed":
+            self.info["resumed_from"] = event.get("source")
+            self.info.setdefault("checkpoint_step", event.get("step") if event.get("source") == "checkpoint" else None)
+        elif kind == "progress":
+            self.last_error = None
+        elif kind in ("checkpoint", "stopped"):
+            step = event.get("checkpoint_step", event.get("step"))
+            if step is not None:
+                self.info["checkpoint_step"] = step
+        elif kind == "error":
+            self.last_error = str(event.get("message", ""))[:2000]

@@ -1,0 +1,66 @@
+"""Events to the daemon: one JSON object per line on an inherited pipe fd.
+
+Each line goes out in one ``os.write`` (short lines are atomic on a pipe), so the
+daemon never reads half an event. A daemon that went away must not take the
+trainer down: a broken pipe silences the writer and training goes on.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+ResumeSource = Literal["checkpoint", "peers", "fresh"]
+
+
+class EventWriter:
+    """Writes the trainer's events to ``fd``; with ``fd=None`` events go nowhere (manual runs)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+        if fd is not None:
+            os.fstat(fd)  # fail early with EBADF rather than on the first event
+            # p2pd is exec'ed by hivemind: it must not hold the daemon's pipe open after we die.
+            os.set_inheritable(fd, False)
+
+    def started(self, peer_id: str, pid: int, maddrs: list[str]) -> None:
+        self.emit("started", peer_id=peer_id, pid=pid, maddrs=maddrs)
+
+    def resumed(self, source: ResumeSource, step: int, epoch: int) -> None:
+        self.emit("resumed", source=source, step=step, epoch=epoch)
+
+    def progress(self, step: int, epoch: int, loss: float, samples_per_s: float, lr: float, samples: int) -> None:
+        # JSON has no NaN: a diverged loss is sent as null rather than breaking strict readers.
+        self.emit("progress", step=step, epoch=epoch, loss=loss if math.isfinite(loss) else None,
+                  samples_per_s=samples_per_s, lr=lr, samples=samples)
+
+    def checkpoint(self, step: int, epoch: int, path: str) -> None:
+        self.emit("checkpoint", step=step, epoch=epoch, path=path)
+
+    def error(self, message: str) -> None:
+        self.emit("error", message=message)
+
+    def stopped(self, step: int, checkpoint_step: int) -> None:
+        self.emit("stopped", step=step, checkpoint_step=checkpoint_step)
+
+    def emit(self, type_: str, **fields: Any) -> None:
+        """Write one event line; never raises because the reader is gone."""
+        if self._fd is None:
+            return
+        data = (json.dumps({"type": type_, **fields}, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        try:
+            view = memoryview(data)
+            while view:  # a line longer than PIPE_BUF may be written in parts
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.EBADF):
+                raise
+            log.warning("event pipe closed (%s); events are no longer sent", exc.strerror)
+            self._fd = None

@@ -1,0 +1,80 @@
+"""Configuration precedence: defaults < config file < HIVEMINDD_* environment < flags."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hivemindd.config import ConfigError, build_config, read_config_file
+from hivemindd.daemon import main
+
+
+def parse_flags(args: list[str]) -> dict[str, Any]:
+    """What click hands the daemon for these args and the current environment."""
+    ctx = main.make_context("hivemindd", args, auto_envvar_prefix="HIVEMINDD", resilient_parsing=False)
+    return dict(ctx.params)
+
+
+def test_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text(
+        f'state_dir = "{tmp_path}/from-file"\nheartbeat = 7\nttl = 100\nlog_format = "json"\n'
+        '[host]\ndevice = "cpu"\nbatch_size = 16\n'
+    )
+    monkeypatch.setenv("HIVEMINDD_HEARTBEAT", "9")
+    monkeypatch.setenv("HIVEMINDD_TTL", "50")
+    cfg = build_config(parse_flags(["--config", str(cfg_file), "--ttl", "40"]))
+    assert cfg.state_dir == tmp_path / "from-file"  # file beats default
+    assert cfg.heartbeat_s == 9  # env beats file
+    assert cfg.ttl_s == 40  # flag beats env
+    assert cfg.log_format == "json"
+    assert cfg.host_defaults.device == "cpu" and cfg.host_defaults.batch_size == 16
+    assert cfg.socket == tmp_path / "from-file" / "hivemindd.sock"
+    assert cfg.discovery == (tmp_path / "from-file" / "discovery").as_uri()
+
+
+def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    cfg = build_config(parse_flags([]))
+    assert cfg.state_dir == tmp_path / ".local/state/hivemindd"
+    assert cfg.heartbeat_s == 30 and cfg.ttl_s == 90
+    assert cfg.host_maddrs == ("/ip4/127.0.0.1/tcp/0",)
+
+
+def test_repeatable_flags_and_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HIVEMINDD_INITIAL_PEER", "/ip4/127.0.0.1/tcp/1/p2p/A /ip4/127.0.0.1/tcp/2/p2p/B")
+    cfg = build_config(parse_flags(["--state-dir", str(tmp_path), "--host-maddr", "/ip4/0.0.0.0/tcp/31337",
+                                    "--host-maddr", "/ip6/::/tcp/31337"]))
+    assert cfg.host_maddrs == ("/ip4/0.0.0.0/tcp/31337", "/ip6/::/tcp/31337")
+    assert cfg.initial_peers == ("/ip4/127.0.0.1/tcp/1/p2p/A", "/ip4/127.0.0.1/tcp/2/p2p/B")
+
+
+@pytest.mark.parametrize("body, message", [
+    ("heartbeet = 3\n", "unknown key 'heartbeet' (did you mean 'heartbeat'?)"),
+    ("heartbeat = 'often'\n", "heartbeat has the wrong type"),
+    ("initial_peers = [1]\n", "initial_peers must be a list of strings"),
+    ("[host]\ndevice = 'tpu'\n", "host.device must be one of"),
+    ("state_dir = \n", "not valid TOML"),
+])
+def test_bad_config_file_is_named(tmp_path: Path, body: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as err:
+        build_config({"config": str(path), "state_dir": str(tmp_path)})
+    assert message in str(err.value) and "bad.toml" in str(err.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        read_config_file(tmp_path / "absent.toml")
+
+
+def test_socket_path_too_long_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="shorter --socket"):
+        build_config({"state_dir": str(tmp_path), "socket": "/tmp/" + "s" * 120})
+
+
+def test_ttl_shorter_than_heartbeat_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="ttl"):
+        build_config({"state_dir": str(tmp_path), "heartbeat": 10.0, "ttl": 5.0})

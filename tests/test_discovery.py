@@ -1,0 +1,169 @@
+"""File discovery: records, the backend, and the agent loop (freshness, garbage, GC, degraded)."""
+
+import asyncio
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+import structlog
+
+from hivemindd.discovery import PeerRecord, RecordError
+from hivemindd.discovery.agent import DiscoveryAgent
+from hivemindd.discovery.file import FileBackend
+
+PEER_A = "QmX52hGGTZVKc1knuPUmgGF5v65EDh6zCC3VCMPiPd8eiE"
+PEER_B = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+
+
+def record(peer_id: str, port: int = 4000) -> PeerRecord:
+    return PeerRecord(peer_id=peer_id, maddrs=(f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer_id}",), hostname="h",
+                      version="0.1.0", state="running", run_id="demo", heartbeat=time.time())
+
+
+def test_record_round_trip_ignores_unknown_fields() -> None:
+    raw = json.loads(record(PEER_A).to_json())
+    raw["future_field"] = {"x": 1}
+    assert PeerRecord.from_json(json.dumps(raw).encode()) == record(PEER_A).__class__(**{
+        **record(PEER_A).__dict__, "heartbeat": raw["heartbeat"]})
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"\xff\xfe", "not JSON"),
+    (b"[]", "not a JSON object"),
+    (b'{"peer_id": "0OIl", "maddrs": ["/ip4/1.2.3.4/tcp/1/p2p/0OIl"]}', "not a base58 peer id"),
+    (json.dumps({"peer_id": PEER_A, "maddrs": []}).encode(), "maddrs"),
+    (json.dumps({"peer_id": PEER_A, "maddrs": ["not a maddr"]}).encode(), "not a multiaddr"),
+    (json.dumps({"peer_id": PEER_A, "maddrs": [f"/ip4/1.2.3.4/tcp/1/p2p/{PEER_B}"]}).encode(), "does not end with"),
+    (json.dumps({"peer_id": PEER_A, "maddrs": [f"/ip4/1.2.3.4/tcp/1/p2p/{PEER_A}"], "hostname": 5}).encode(),
+     "hostname"),
+    (b"{" + b" " * 20000 + b"}", "over the"),
+])
+def test_bad_records_are_rejected_with_a_reason(body: bytes, reason: str) -> None:
+    with pytest.raises(RecordError, match=reason):
+        PeerRecord.from_json(body)
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+def test_backend_create_is_create_only(tmp_path: Path) -> None:
+    backend = FileBackend(tmp_path.as_uri())
+    assert run(backend.create("runs/r/spec.json", b"first")) is True
+    assert run(backend.create("runs/r/spec.json", b"second")) is False
+    assert run(backend.get("runs/r/spec.json")) == b"first"
+    assert run(backend.get("runs/r/absent.json")) is None
+    assert sorted(p.name for p in (tmp_path / "runs/r").iterdir()) == ["spec.json"]  # no temp files left
+
+
+def test_backend_refuses_keys_outside_its_root(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    backend = FileBackend((tmp_path / "d").as_uri())
+    with pytest.raises(Exception, match="escapes"):
+        run(backend.put("../outside.json", b"x"))
+
+
+def test_conditional_delete_spares_a_refreshed_record(tmp_path: Path) -> None:
+    backend = FileBackend(tmp_path.as_uri())
+    run(backend.put("hosts/a.json", b"1"))
+    [listed] = run(backend.list("hosts/"))
+    os.utime(tmp_path / "hosts/a.json", ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))  # refreshed meanwhile
+    assert run(backend.delete("hosts/a.json", if_version=listed.version)) is False
+    assert (tmp_path / "hosts/a.json").exists()
+    [listed] = run(backend.list("hosts/"))
+    assert run(backend.delete("hosts/a.json", if_version=listed.version)) is True
+
+
+class Capture:
+    def __init__(self) -> None:
+        self.new: list[str] = []
+
+    async def __call__(self, records: list[PeerRecord]) -> None:
+        self.new += [r.peer_id for r in records]
+
+
+def make_agent(root: Path, own: str = PEER_A, ttl: float = 10.0) -> tuple[DiscoveryAgent, Capture]:
+    capture = Capture()
+    agent = DiscoveryAgent(FileBackend(root.as_uri()), describe=lambda: record(own), on_new_peers=capture,
+                           heartbeat_s=1.0, ttl_s=ttl)
+    return agent, capture
+
+
+def test_agent_sees_fresh_peers_ignores_garbage_and_collects_stale(tmp_path: Path) -> None:
+    folder = tmp_path / "runs/demo/peers"
+    folder.mkdir(parents=True)
+    (folder / f"{PEER_B}.json").write_bytes(record(PEER_B).to_json())
+    (folder / "garbage.json").write_bytes(b"\x00\x01 not json")
+    (folder / "wrong.json").write_text(json.dumps({"peer_id": 5}))
+    stale = folder / "QmStaleStaleStaleStaleStaleStaleStaleStale1234.json"
+    stale.write_bytes(b"{}")
+    old = time.time() - 1000  # 100 TTLs ago
+    os.utime(stale, (old, old))
+    expired = folder / "expired.json"
+    expired.write_bytes(record("QmNWyoMPLVgg6o8v7jJbUrw4x6Y4vDrcDz5V8cFHjMp6Nh").to_json())
+    old = time.time() - 30  # past the TTL, not yet garbage
+    os.utime(expired, (old, old))
+
+    agent, capture = make_agent(tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        run(agent.set_run("demo"))
+        run(agent.heartbeat())
+        run(agent.heartbeat())
+    assert [p["peer_id"] for p in agent.peers()] == [PEER_B]
+    assert capture.new == [PEER_B]  # told once, not every heartbeat
+    assert (folder / f"{PEER_A}.json").exists()  # own record written
+    assert not stale.exists() and expired.exists()
+    bad = [e for e in logs if e["event"] == "discovery.bad_record"]
+    assert sorted(e["key"] for e in bad) == ["runs/demo/peers/garbage.json", "runs/demo/peers/wrong.json"]
+    assert agent.status()["state"] == "ok"
+
+
+def test_agent_moves_its_record_when_joining_and_withdraws_on_shutdown(tmp_path: Path) -> None:
+    agent, _ = make_agent(tmp_path)
+    run(agent.heartbeat())
+    assert (tmp_path / f"hosts/{PEER_A}.json").exists()
+    run(agent.set_run("demo"))
+    run(agent.heartbeat())
+    assert not (tmp_path / f"hosts/{PEER_A}.json").exists()
+    assert (tmp_path / f"runs/demo/peers/{PEER_A}.json").exists()
+    run(agent.withdraw())
+    assert not (tmp_path / f"runs/demo/peers/{PEER_A}.json").exists()
+
+
+def test_agent_degrades_and_recovers_keeping_known_peers(tmp_path: Path) -> None:
+    root = tmp_path / "shared"
+    (root / "hosts").mkdir(parents=True)
+    (root / f"hosts/{PEER_B}.json").write_bytes(record(PEER_B).to_json())
+    agent, _ = make_agent(root)
+    run(agent.heartbeat())
+    moved = tmp_path / "moved"
+    root.rename(moved)  # the shared directory disappears (unmounted)
+
+    async def until_degraded() -> None:
+        task = asyncio.create_task(agent.run())
+        try:
+            while agent.status()["state"] != "degraded":
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+
+    run(asyncio.wait_for(until_degraded(), timeout=10))
+    status = agent.status()
+    assert "does not exist" in status["error"]
+    assert [p["peer_id"] for p in agent.peers()] == [PEER_B]  # keeps running on what it knew
+    moved.rename(root)
+    run(agent.heartbeat())
+    assert agent.status()["state"] == "ok" and agent.status()["error"] is None
+
+
+def test_unknown_scheme_is_a_clear_error() -> None:
+    from hivemindd.discovery import DiscoveryError, open_backend
+
+    with pytest.raises(DiscoveryError, match="unknown discovery URL"):
+        open_backend("s3://bucket")
+
+
+logging.getLogger("hivemind").setLevel(logging.WARNING)

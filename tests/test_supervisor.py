@@ -1,0 +1,185 @@
+"""The trainer state machine and restart policy, driven through a spawner seam (no forking)."""
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hivemindd.launch import HostSettings, TrainerLaunch
+from hivemindd.logfile import TrainerLog
+from hivemindd.spec import RunSpec
+from hivemindd.supervisor import RestartPolicy, RestartTracker, Supervisor, TrainerState
+
+S = TrainerState
+
+
+def test_backoff_doubles_and_caps_with_bounded_jitter() -> None:
+    policy = RestartPolicy(base_delay_s=1, max_delay_s=8, jitter=0.1)
+    assert [policy.delay(n, 0.5) for n in range(1, 7)] == [1, 2, 4, 8, 8, 8]
+    assert policy.delay(3, 0.0) == pytest.approx(3.6) and policy.delay(3, 1.0) == pytest.approx(4.4)
+
+
+def test_crashloop_after_repeated_fast_failures_and_reset_after_stable_run() -> None:
+    policy = RestartPolicy(crashloop_failures=3, crashloop_window_s=100, stable_after_s=60, crashloop_cooldown_s=300)
+    tracker = RestartTracker(policy)
+    now = 1000.0
+    assert tracker.record_exit(now - 5, now, 0.5) == (False, 1.0)
+    assert tracker.record_exit(now, now + 5, 0.5) == (False, 2.0)
+    assert tracker.record_exit(now + 5, now + 10, 0.5) == (True, 300)
+    # A trainer that ran for an hour and then died is restarted quickly, not parked.
+    assert tracker.record_exit(now + 10, now + 3610, 0.5) == (False, 1.0)
+    # Failures spread beyond the window never add up to a crashloop.
+    tracker.reset()
+    assert all(not tracker.record_exit(t - 1, t, 0.5)[0] for t in (0.0, 150.0, 300.0, 450.0))
+
+
+class FakeHandle:
+    def __init__(self, pid: int, obeys_sigterm: bool) -> None:
+        self.pid = pid
+        self.obeys_sigterm = obeys_sigterm
+        self.exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.signals: list[str] = []
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self.exit)
+
+    def finish(self, code: int) -> None:
+        if not self.exit.done():
+            self.exit.set_result(code)
+
+    def terminate(self) -> None:
+        self.signals.append("TERM")
+        if self.obeys_sigterm:
+            self.finish(0)
+
+    def kill(self) -> None:
+        self.signals.append("KILL")
+        self.finish(-9)
+
+
+class FakeSpawner:
+    def __init__(self) -> None:
+        self.handles: list[FakeHandle] = []
+        self.obeys_sigterm = True
+        self.on_event: Callable[[dict[str, Any]], None] = lambda e: None
+
+    async def spawn(self, launch: TrainerLaunch, on_event: Any, on_line: Any) -> FakeHandle:
+        self.on_event = on_event
+        handle = FakeHandle(1000 + len(self.handles), self.obeys_sigterm)
+        self.handles.append(handle)
+        return handle
+
+
+def launch() -> TrainerLaunch:
+    return TrainerLaunch(run_id="demo", spec=RunSpec(), host=HostSettings(), work_dir="/nonexistent",
+                         cache_dir="/nonexistent", initial_peers=())
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.005)
+    await asyncio.wait_for(poll(), timeout)
+
+
+def with_supervisor(test: Callable[[Supervisor, FakeSpawner], Awaitable[None]], tmp_path: Path,
+                    **policy: float) -> None:
+    async def main() -> None:
+        spawner = FakeSpawner()
+        fast = RestartPolicy(**{"base_delay_s": 0.01, "max_delay_s": 0.05, "crashloop_cooldown_s": 0.2, **policy})
+        trainer_log = TrainerLog(tmp_path / "t.log")
+        sup = Supervisor(spawner, trainer_log, policy=fast, stop_timeout_s=0.2)
+        task = asyncio.create_task(sup.run())
+        try:
+            await test(sup, spawner)
+        finally:
+            await sup.shutdown()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            trainer_log.close()
+    asyncio.run(main())
+
+
+def test_start_ready_crash_restart_pause_resume_leave(tmp_path: Path) -> None:
+    async def scenario(sup: Supervisor, spawner: FakeSpawner) -> None:
+        sup.want("demo", launch, paused=False)
+        await until(lambda: sup.state is S.STARTING)
+        spawner.on_event({"type": "started", "peer_id": "Qm1"})
+        spawner.on_event({"type": "progress", "step": 7, "epoch": 1, "loss": 2.0})
+        assert sup.state is S.RUNNING and sup.snapshot()["step"] == 7
+        spawner.handles[0].finish(-9)  # killed from outside
+        await until(lambda: len(spawner.handles) == 2)
+        assert sup.restarts == 1 and sup.state is S.STARTING
+        assert sup.snapshot()["step"] == 7  # last known progress stays visible across the restart
+        sup.want("demo", launch, paused=True, user_action=True)
+        await until(lambda: sup.state is S.PAUSED)
+        assert spawner.handles[1].signals == ["TERM"] and sup.snapshot()["pid"] is None
+        sup.want("demo", launch, paused=False, user_action=True)
+        await until(lambda: len(spawner.handles) == 3)
+        assert sup.restarts == 1  # resuming is not a restart
+        sup.want(None, None, paused=False, user_action=True)
+        await until(lambda: sup.state is S.STOPPED)
+        assert spawner.handles[2].signals == ["TERM"]
+    with_supervisor(scenario, tmp_path)
+
+
+def test_repeated_failures_park_in_crashloop_then_retry_after_cooldown(tmp_path: Path) -> None:
+    async def scenario(sup: Supervisor, spawner: FakeSpawner) -> None:
+        sup.want("demo", launch, paused=False)
+        for n in range(1, 4):
+            await until(lambda n=n: len(spawner.handles) == n)  # type: ignore[misc]
+            spawner.on_event({"type": "error", "message": "CUDA requested on a CPU host"})
+            spawner.handles[-1].finish(1)
+        await until(lambda: sup.state is S.CRASHLOOP)
+        snap = sup.snapshot()
+        assert snap["last_error"] == "CUDA requested on a CPU host" and snap["retry_in_s"] is not None
+        assert any("crashloop" in line for line in sup.error_lines())
+        await until(lambda: len(spawner.handles) == 4, timeout=5)  # retried after the cooldown
+    with_supervisor(scenario, tmp_path, crashloop_failures=3)
+
+
+def test_config_error_exit_goes_straight_to_crashloop_and_user_action_retries(tmp_path: Path) -> None:
+    async def scenario(sup: Supervisor, spawner: FakeSpawner) -> None:
+        sup.want("demo", launch, paused=False)
+        await until(lambda: len(spawner.handles) == 1)
+        spawner.on_event({"type": "error", "message": "data.train: no shards match /x"})
+        spawner.handles[0].finish(2)
+        await until(lambda: sup.state is S.CRASHLOOP)
+        assert len(spawner.handles) == 1
+        sup.want("demo", launch, paused=False, user_action=True)  # the owner fixed something and rejoined
+        await until(lambda: len(spawner.handles) == 2)
+    with_supervisor(scenario, tmp_path, crashloop_cooldown_s=60)
+
+
+def test_trainer_ignoring_sigterm_is_killed_after_the_stop_timeout(tmp_path: Path) -> None:
+    async def scenario(sup: Supervisor, spawner: FakeSpawner) -> None:
+        spawner.obeys_sigterm = False
+        sup.want("demo", launch, paused=False)
+        await until(lambda: len(spawner.handles) == 1)
+        sup.want(None, None, paused=False)
+        await until(lambda: sup.state is S.STOPPED)
+        assert spawner.handles[0].signals == ["TERM", "KILL"]
+    with_supervisor(scenario, tmp_path)
+
+
+def test_failed_spawn_backs_off_instead_of_spinning(tmp_path: Path) -> None:
+    calls = []
+
+    def broken() -> TrainerLaunch:
+        calls.append(1)
+        raise OSError("spec file vanished")
+
+    async def scenario(sup: Supervisor, spawner: FakeSpawner) -> None:
+        sup.want("demo", broken, paused=False)
+        await until(lambda: sup.state is S.CRASHLOOP)
+        assert "spec file vanished" in (sup.last_error or "") and len(calls) == 3
+    with_supervisor(scenario, tmp_path, crashloop_failures=3, crashloop_cooldown_s=60)
+
+
+def test_illegal_transition_is_refused(tmp_path: Path) -> None:
+    async def scenario(sup: Supervisor, spawner: FakeSpawner) -> None:
+        with pytest.raises(RuntimeError, match="stopped → running"):
+            sup.transition(S.RUNNING, "no trainer exists")
+    with_supervisor(scenario, tmp_path)
