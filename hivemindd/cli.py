@@ -38,7 +38,11 @@ class _UnixConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
-        sock.connect(self._path)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
         self.sock = sock
 
 
@@ -47,6 +51,7 @@ class ApiError(Exception):
         error = body.get("error", {}) if isinstance(body, dict) else {}
         super().__init__(error.get("message") or f"HTTP {status}")
         self.status = status
+        self.body = body
 
 
 class Client:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable

@@ -1,0 +1,50 @@
+"""hmctl: fast, light, and clear when the daemon is not there."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from hivemindd.cli import main, render_status
+from hivemindd.protocol import EX_UNAVAILABLE
+
+
+def test_unreachable_daemon_gives_one_line_and_exit_69(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["--socket", str(tmp_path / "none.sock"), "status"])
+    assert result.exit_code == EX_UNAVAILABLE
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "hivemindd is not running" in lines[0] and "systemctl status hivemindd" in lines[0]
+
+
+def test_socket_from_environment(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["peers", "--json"], env={"HIVEMINDD_SOCKET": str(tmp_path / "env.sock")})
+    assert result.exit_code == EX_UNAVAILABLE and "env.sock" in result.output
+
+
+def test_hmctl_imports_nothing_heavy() -> None:
+    code = ("import sys, hivemindd.cli; heavy = [m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'torchvision', 'hivemind', 'aiohttp', 'numpy')]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_help_teaches_the_commands() -> None:
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for word in ("join", "status", "pause", "resume", "leave", "logs", "peers", "--spec"):
+        assert word in result.output
+
+
+def test_status_rendering_shows_crashloop_errors() -> None:
+    status = {
+        "peer_id": "QmA", "hostname": "h", "version": "0.1.0", "run_id": "demo", "paused": False,
+        "host": {"device": "cpu", "batch_size": 8, "workers": 0}, "peers": 1,
+        "discovery": {"url": "file:///d", "state": "ok", "error": None},
+        "trainer": {"state": "crashloop", "since_s": 5, "retry_in_s": 290, "pid": None, "restarts": 4,
+                    "step": 120, "epoch": 3, "loss": 1.5, "samples_per_s": 30.0, "checkpoint_step": 100,
+                    "last_error": "data.train: no shards match /x", "error_lines": ["Traceback …", "OSError: x"]},
+    }
+    text = render_status(status)
+    assert "crashloop" in text and "retry in 4m" in text and "no shards match" in text and "| OSError: x" in text
+    assert "step 120  epoch 3" in text

@@ -1,0 +1,50 @@
+"""The API schema: one source for the routes, the request checks and the OpenAPI document."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hivemindd.protocol import ROUTES, JoinRequest, RequestError, parse_empty, parse_log_query
+
+OPENAPI = yaml.safe_load((Path(__file__).resolve().parents[1] / "hivemindd" / "openapi.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(ROUTES))
+def test_every_route_is_documented(name: str) -> None:
+    route = ROUTES[name]
+    assert route.method.lower() in OPENAPI["paths"][route.path]
+
+
+def test_join_request_round_trip() -> None:
+    request = JoinRequest(run_id="demo", spec_toml="[model]\n", device="cpu", batch_size=8)
+    assert JoinRequest.parse(request.to_body()) == JoinRequest(run_id="demo", spec_toml="[model]\n", device="cpu",
+                                                               batch_size=8)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({}, "run_id"), ({"run_id": "a/b"}, "run_id"), ({"run_id": "ok", "batch_size": True}, "batch_size"),
+    ({"run_id": "ok", "workers": 1.5}, "workers"), ({"run_id": "ok", "spec_toml": 3}, "spec_toml"),
+    ({"run_id": "ok", "extra": 1}, "extra"),
+])
+def test_join_request_errors_name_the_field(body: dict, field: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(RequestError) as err:
+        JoinRequest.parse(body)
+    assert err.value.field == field and err.value.status == 400
+
+
+def test_non_object_bodies_are_refused() -> None:
+    with pytest.raises(RequestError, match="JSON object"):
+        JoinRequest.parse([1])
+    with pytest.raises(RequestError, match="unknown field"):
+        parse_empty({"now": True})
+    parse_empty(None)
+    parse_empty({})
+
+
+@pytest.mark.parametrize("query, error", [({"n": "x"}, "integer"), ({"n": "0"}, "1..10000"),
+                                          ({"after": "-1"}, ">= 0"), ({"tail": "1"}, "unknown query")])
+def test_log_query_validation(query: dict, error: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(RequestError, match=error):
+        parse_log_query(query)
+    assert parse_log_query({"n": "5", "after": "10"}) == (5, 10)
