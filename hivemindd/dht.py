@@ -33,7 +33,7 @@ def ensure_identity(path: Path) -> str:
 async def _connect(_dht: Any, node: Any, peers: Sequence[tuple[str, Sequence[str]]]) -> int:
     """Runs inside the DHT process: dial each peer and add it to the routing table."""
     from hivemind.p2p import PeerID
-    from multiaddr import Multiaddr
+    from hivemind.utils.multiaddr import Multiaddr
 
     async def one(peer_id: str, maddrs: Sequence[str]) -> bool:
         pid = PeerID.from_base58(peer_id)

@@ -228,6 +228,9 @@ class Supervisor:
             return
         if was_failure:
             self.restarts += 1
+        # Facts about the previous process go; its progress stays visible until the new one reports.
+        self.info.pop("resumed_from", None)
+        self.info.pop("peer_id", None)
         self._handle, self._handle_key = handle, key
         self._stop_requested = False
         log.info("trainer.spawned", pid=handle.pid, run=key)

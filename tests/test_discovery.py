@@ -167,3 +167,50 @@ def test_unknown_scheme_is_a_clear_error() -> None:
 
 
 logging.getLogger("hivemind").setLevel(logging.WARNING)
+
+
+def test_a_failing_dial_never_stops_the_heartbeat(tmp_path: Path) -> None:
+    (tmp_path / "hosts").mkdir()
+    (tmp_path / f"hosts/{PEER_B}.json").write_bytes(record(PEER_B).to_json())
+
+    async def broken_dial(records: list[PeerRecord]) -> None:
+        raise ModuleNotFoundError("No module named 'multiaddr'")
+
+    agent = DiscoveryAgent(FileBackend(tmp_path.as_uri()), describe=lambda: record(PEER_A), on_new_peers=broken_dial,
+                           heartbeat_s=0.01, ttl_s=10)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(agent.run())
+        own = tmp_path / f"hosts/{PEER_A}.json"
+        while not own.exists():
+            await asyncio.sleep(0.01)
+        first = own.stat().st_mtime_ns
+        while own.stat().st_mtime_ns == first:  # still rewriting its record after the failed dial
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    with structlog.testing.capture_logs() as logs:
+        run(asyncio.wait_for(scenario(), timeout=10))
+    assert any(e["event"] == "discovery.connect_failed" for e in logs)
+    assert agent.status()["state"] == "ok"
+
+
+def test_an_unexpected_store_exception_degrades_instead_of_killing_the_loop(tmp_path: Path) -> None:
+    class Exploding(FileBackend):
+        async def list(self, prefix: str) -> list:  # type: ignore[override,type-arg]
+            raise RuntimeError("library bug")
+
+    agent = DiscoveryAgent(Exploding(tmp_path.as_uri()), describe=lambda: record(PEER_A), on_new_peers=Capture(),
+                           heartbeat_s=0.01, ttl_s=10)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(agent.run())
+        while agent.status()["state"] != "degraded":
+            await asyncio.sleep(0.01)
+        assert not task.done()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    run(asyncio.wait_for(scenario(), timeout=10))
+    assert "library bug" in agent.status()["error"]

@@ -68,6 +68,8 @@ class DiscoveryAgent:
         self._error: str | None = None
         self._failures = 0
         self._last_ok: float | None = None
+        self._telling: asyncio.Task[None] | None = None  # the dial of newcomers in flight
+        self._pending: list[PeerRecord] = []
 
     # --- what the daemon asks -------------------------------------------------------------
 
@@ -133,11 +135,21 @@ class DiscoveryAgent:
 
     async def run(self) -> None:
         """Heartbeat until cancelled; never raises for store trouble."""
+        try:
+            await self._loop()
+        finally:
+            if self._telling is not None:
+                self._telling.cancel()
+                await asyncio.gather(self._telling, return_exceptions=True)
+
+    async def _loop(self) -> None:
         while True:
             try:
                 await self.heartbeat()
                 delay = self.heartbeat_s * random.uniform(0.9, 1.1)
-            except DiscoveryError as exc:
+            except Exception as exc:  # the loop outlives any one bad round
+                if not isinstance(exc, DiscoveryError):
+                    log.exception("discovery.unexpected_error")
                 self._failures += 1
                 if self._error != str(exc):
                     log.warning("discovery.degraded", error=str(exc), failures=self._failures)
@@ -145,7 +157,8 @@ class DiscoveryAgent:
                 delay = min(self.heartbeat_s, 2.0 ** min(self._failures, 6)) * random.uniform(0.8, 1.2)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                async with asyncio.timeout(delay):  # not wait_for: see Supervisor._wait_changed
+                    await self._wake.wait()
 
     async def heartbeat(self) -> None:
         record = self._describe()
@@ -158,7 +171,20 @@ class DiscoveryAgent:
         new = [k.record for pid, k in self._peers.items() if pid not in before]
         if new:
             log.info("discovery.new_peers", peers=[r.peer_id for r in new])
-            await self._on_new_peers(new)
+        self._tell(new)
+
+    def _tell(self, new: list[PeerRecord]) -> None:
+        """Hand newcomers to the DHT in the background: dialing must never delay our heartbeat."""
+        self._pending.extend(new)
+        if self._pending and (self._telling is None or self._telling.done()):
+            batch, self._pending = self._pending, []
+            self._telling = asyncio.create_task(self._tell_safely(batch), name="discovery-connect")
+
+    async def _tell_safely(self, records: list[PeerRecord]) -> None:
+        try:
+            await self._on_new_peers(records)
+        except Exception as exc:  # a failed dial is logged; discovery goes on
+            log.warning("discovery.connect_failed", error=repr(exc), peers=[r.peer_id for r in records])
 
     async def _list(self) -> None:
         own_id = self._describe().peer_id

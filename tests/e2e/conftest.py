@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -87,11 +88,12 @@ class DaemonProcess:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
-        try:
-            self.client.call("status")
-            return True
-        except SystemExit:  # hmctl's "not running" exit
-            return False
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(self.client.socket_path))
+                return True
+            except OSError:
+                return False
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = self.client.call("status")
