@@ -119,6 +119,7 @@ def demo(count: int, root: Path | None, spec_file: Any, batch_size: int | None) 
     # Short paths: unix socket paths are limited to 107 bytes.
     root = (root or Path(tempfile.mkdtemp(prefix="hmdemo-", dir="/tmp"))).absolute()
     spec_text, spec_name = (spec_file.read(), spec_file.name) if spec_file else _demo_spec()
+    (root / "discovery").mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // count)
     click.echo(f"starting {count} daemons under {root} (logs: {root}/peerN/daemon.log) …")
     peers: list[LocalPeer] = []
