@@ -240,12 +240,19 @@ _simple("resume", "Resume training from the latest checkpoint.", "resumed run {r
 @main.command()
 @click.option("-n", "lines", type=click.IntRange(1, 10_000), default=50, show_default=True, help="Lines to show.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
+@click.option("--json", "json_output", is_flag=True, help="Print JSON ({lines, next}; with -f one object a poll).")
 @click.pass_obj
-def logs(client: Client, lines: int, follow: bool) -> None:
+def logs(client: Client, lines: int, follow: bool, json_output: bool) -> None:
     """The trainer's log (its output plus the daemon's notes on starts and exits)."""
+    def emit(result: dict[str, Any]) -> None:
+        if json_output:
+            click.echo(json.dumps(result))
+        else:
+            for line in result["lines"]:
+                click.echo(line)
+
     result = _logs(client, f"n={lines}")
-    for line in result["lines"]:
-        click.echo(line)
+    emit(result)
     if not follow:
         return
     after = result["next"]
@@ -253,8 +260,8 @@ def logs(client: Client, lines: int, follow: bool) -> None:
         while True:
             time.sleep(0.5)  # polling interval of follow mode
             result = _logs(client, f"n=1000&after={after}")
-            for line in result["lines"]:
-                click.echo(line)
+            if result["lines"]:
+                emit(result)
             after = result["next"]
     except KeyboardInterrupt:
         pass

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,6 +190,20 @@ def test_logs_show_the_trainer_output(swarm: Swarm) -> None:
     assert "trainer starting -> running: trainer reported ready" in result.stdout
     assert "trainer running -> backoff: exit code -9" in result.stdout  # the kill -9 earlier
     assert len(swarm.a.hmctl("logs", "-n", "3").stdout.splitlines()) == 3
+    as_json = json.loads(swarm.a.hmctl("logs", "-n", "2", "--json").stdout)
+    assert len(as_json["lines"]) == 2 and as_json["next"] > 0
+
+
+def test_logs_follow_streams_new_lines_until_interrupted(swarm: Swarm) -> None:
+    out = swarm.root / "follow.out"
+    with open(out, "wb") as sink:
+        follower = subprocess.Popen([sys.executable, "-m", "hivemindd.cli", "--socket", str(swarm.a.client.socket_path),
+                                     "logs", "-f", "-n", "1"], stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: len(out.read_text().splitlines()) >= 3, 120, "new trainer log lines to stream")
+    finally:
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(timeout=10) == 0
 
 
 def test_clean_shutdown_leaves_no_process(swarm: Swarm) -> None:
