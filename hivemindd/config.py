@@ -35,7 +35,7 @@ class DaemonConfig:
     log_format: str = "console"
     heartbeat_s: float = 30.0
     ttl_s: float = 90.0
-    stop_timeout_s: float = 60.0
+    stop_timeout_s: float = 150.0  # a stop may wait out a step in flight and a goodbye: 2 x averaging_timeout (60 s) + margin
     host_defaults: HostSettings = field(default_factory=HostSettings)
 
 
@@ -104,7 +104,7 @@ def build_config(cli: dict[str, Any]) -> DaemonConfig:
         raise ConfigError(f"log_format must be 'console' or 'json', got {log_format!r}")
     heartbeat = float(pick("heartbeat") or 30.0)
     ttl = float(pick("ttl") or 3 * heartbeat)
-    stop_timeout = float(pick("stop_timeout") or 60.0)
+    stop_timeout = float(pick("stop_timeout") or DaemonConfig.stop_timeout_s)
     for name, value in (("heartbeat", heartbeat), ("ttl", ttl), ("stop_timeout", stop_timeout)):
         if not value > 0:
             raise ConfigError(f"{name} must be > 0 seconds, got {value}")

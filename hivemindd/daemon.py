@@ -358,7 +358,7 @@ async def serve(cfg: DaemonConfig) -> None:
 @click.option("--initial-peer", multiple=True, help="Extra bootstrap multiaddr, /ip4/…/p2p/<peer id> (repeatable).")
 @click.option("--heartbeat", type=float, help="Seconds between discovery refreshes. [30]")
 @click.option("--ttl", type=float, help="Seconds after which a silent peer is ignored. [3 heartbeats]")
-@click.option("--stop-timeout", type=float, help="Seconds the trainer gets to checkpoint on stop. [60]")
+@click.option("--stop-timeout", type=float, help="Seconds the trainer gets to checkpoint and leave on stop before SIGKILL. [150]")
 @click.option("--log-format", type=click.Choice(["console", "json"]), help="Daemon log format. [console]")
 @click.version_option(__version__, prog_name="hivemindd")
 @click.pass_context

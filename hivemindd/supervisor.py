@@ -110,7 +110,7 @@ class Supervisor:
         trainer_log: TrainerLog,
         *,
         policy: RestartPolicy = RestartPolicy(),
-        stop_timeout_s: float = 60.0,
+        stop_timeout_s: float = 150.0,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:

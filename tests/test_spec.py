@@ -26,7 +26,7 @@ def test_demo_example_is_valid() -> None:
 def test_milestones_convert_dataset_epochs_to_global_steps() -> None:
     spec = parse_toml((EXAMPLES / "imagenet-resnet50.toml").read_text())
     # 1,281,167 samples / 4,096 per global step = 312.78 steps per dataset epoch
-    assert spec.milestones_in_global_steps() == [9383, 18767, 28150]
+    assert spec.milestones_in_global_steps() == [9384, 18767, 28151]
 
 
 def test_json_round_trip_is_identical() -> None:

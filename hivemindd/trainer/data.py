@@ -8,10 +8,12 @@ not a pass over the files.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import braceexpand
@@ -19,6 +21,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 from torchvision import transforms
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from hivemindd.trainer.demo_data import ensure_demo_shards
 from hivemindd.trainer.errors import ConfigError
@@ -71,18 +74,17 @@ def _local_pattern(url: str, key: str, cache_dir: str) -> str:
 
 
 def _demo_pattern(url: str, key: str, cache_dir: str) -> str:
-    shards = ensure_demo_shards(cache_dir)
-    known = {"demo://shapes/train": shards.train, "demo://shapes/val": shards.val}
-    if url not in known:
+    if url not in ("demo://shapes/train", "demo://shapes/val"):
         raise ConfigError(f"{key}: {url!r} is not a demo set (use demo://shapes/train or demo://shapes/val)")
-    return known[url]
+    shards = ensure_demo_shards(cache_dir)
+    return shards.train if url.endswith("/train") else shards.val
 
 
 def check_shard(path: str, key: str) -> None:
     """Fail early, with a clear message, if ``path`` is not a WebDataset shard of labelled images."""
     try:
         with tarfile.open(path) as tar:
-            names = [m.name for _, m in zip(range(64), tar)]
+            names = [m.name for m in itertools.islice(tar, 64)]
     except (OSError, tarfile.TarError) as exc:
         raise ConfigError(f"{key}: {path} is not a readable tar shard ({exc})") from None
     suffixes = {name.rsplit(".", 1)[-1].lower() for name in names if "." in name}
@@ -101,13 +103,32 @@ def train_transform(image_size: int) -> transforms.Compose:
     ])
 
 
+def samples_from_shards(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Raw samples (``{"__key__", "png", "cls", ...}``) from a stream of ``{"url": path}`` shards."""
+    # One bad shard or sample in a big dataset should cost a warning, not the run.
+    files = tar_file_expander(_open_shards(sources), handler=wds.warn_and_continue)
+    return group_by_keys(files, handler=wds.warn_and_continue)
+
+
+def _open_shards(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    # webdataset's own opener never closes its files; over an endless stream that is a
+    # file handle per shard left to the garbage collector.
+    for source in sources:
+        try:
+            stream = open(source["url"], "rb")  # noqa: SIM115  # closed when the next shard is asked for
+        except OSError as exc:
+            log.warning("skipping shard %s: %s", source["url"], exc)
+            continue
+        with stream:
+            yield {**source, "stream": stream}
+
+
 def train_dataset(shards: list[str], image_size: int) -> wds.DataPipeline:
     """An endless stream of (image tensor, class index) from randomly drawn shards."""
     return wds.DataPipeline(
         # Non-deterministic seeding: every peer (and every restart) draws its own shard sequence.
         wds.ResampledShards(shards, deterministic=False),
-        # One bad shard or sample in a big dataset should cost a warning, not the run.
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        samples_from_shards,
         wds.shuffle(SHUFFLE_BUFFER),
         wds.decode("pil", handler=wds.warn_and_continue),
         wds.to_tuple(";".join(IMAGE_KEYS), "cls", handler=wds.warn_and_continue),

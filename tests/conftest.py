@@ -1,0 +1,42 @@
+"""Shared fixtures: short temp dirs, generated demo data, and reaping of spawned process groups."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temp dir with a short path (p2pd's unix sockets and our own paths stay well under 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="hmt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def demo_cache() -> Iterator[Path]:
+    """A cache dir holding the generated demo shards, made once per test session."""
+    from hivemindd.trainer.demo_data import ensure_demo_shards
+
+    path = Path(tempfile.mkdtemp(prefix="hmt-cache-", dir="/tmp"))
+    ensure_demo_shards(path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def process_groups() -> Iterator[list[int]]:
+    """Register process group ids here; whatever is still alive at teardown is SIGKILLed."""
+    groups: list[int] = []
+    yield groups
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
