@@ -62,6 +62,15 @@ class Client:
         self.json_output = json_output
         self.timeout = timeout
 
+    def reachable(self) -> bool:
+        """Whether something accepts connections on the socket (without asking it anything)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.socket_path))
+                return True
+            except OSError:
+                return False
+
     def call(self, name: str, body: dict[str, Any] | None = None, query: str = "") -> Any:
         route = ROUTES[name]
         conn = _UnixConnection(str(self.socket_path), self.timeout)

@@ -61,20 +61,10 @@ class LocalPeer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise click.ClickException(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
-            if self.socket_answers():
+            if self.client.reachable():
                 return
             time.sleep(0.2)  # polling for the socket to appear
         raise click.ClickException(f"{self.name} did not come up in time; see {self.log_path}")
-
-    def socket_answers(self) -> bool:
-        import socket
-
-        with socket.socket(socket.AF_UNIX) as sock:
-            try:
-                sock.connect(str(self.client.socket_path))
-                return True
-            except OSError:
-                return False
 
     def stop(self) -> None:
         with suppress(ProcessLookupError):

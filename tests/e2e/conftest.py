@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -88,12 +87,7 @@ class DaemonProcess:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(str(self.client.socket_path))
-                return True
-            except OSError:
-                return False
+        return self.client.reachable()
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = self.client.call("status")
