@@ -6,7 +6,6 @@ command answers in tens of milliseconds.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import socket
@@ -28,22 +27,6 @@ def default_socket() -> Path:
         return Path(state_dir).expanduser() / "hivemindd.sock"
     xdg = os.environ.get("XDG_STATE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "hivemindd" / "hivemindd.sock"
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 class ApiError(Exception):
@@ -71,15 +54,31 @@ class Client:
             except OSError:
                 return False
 
+    def exchange(self, method: str, path: str, payload: bytes | None = None) -> tuple[int, bytes]:
+        """One HTTP/1.0 request over the socket: (status, body). The server closes after replying,
+        so no keep-alive, chunking or header parsing is needed (and http.client's import cost is saved)."""
+        head = [f"{method} {path} HTTP/1.0", "Host: localhost", "Accept: application/json"]
+        if payload is not None:
+            head += ["Content-Type: application/json", f"Content-Length: {len(payload)}"]
+        request = ("\r\n".join(head) + "\r\n\r\n").encode() + (payload or b"")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(self.timeout)
+            sock.connect(str(self.socket_path))
+            sock.sendall(request)
+            chunks = []
+            while chunk := sock.recv(1 << 16):
+                chunks.append(chunk)
+        header, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+        status_line = header.split(b"\r\n", 1)[0].split()
+        if len(status_line) < 2 or not status_line[1].isdigit():
+            raise ValueError(f"not an HTTP reply: {header[:80]!r}")
+        return int(status_line[1]), body
+
     def call(self, name: str, body: dict[str, Any] | None = None, query: str = "") -> Any:
         route = ROUTES[name]
-        conn = _UnixConnection(str(self.socket_path), self.timeout)
+        payload = json.dumps(body).encode() if body is not None else None
         try:
-            payload = json.dumps(body).encode() if body is not None else None
-            headers = {"Content-Type": "application/json"} if payload is not None else {}
-            conn.request(route.method, route.path + (f"?{query}" if query else ""), body=payload, headers=headers)
-            response = conn.getresponse()
-            raw = response.read()
+            status, raw = self.exchange(route.method, route.path + (f"?{query}" if query else ""), payload)
         except (FileNotFoundError, ConnectionRefusedError):
             fail(f"hivemindd is not running (nothing listens on {self.socket_path}). Start it with `hivemindd`, "
                  "or check `systemctl status hivemindd`; pass --socket if it uses another path.", EX_UNAVAILABLE)
@@ -88,16 +87,14 @@ class Client:
                  EX_NOPERM)
         except TimeoutError:
             fail(f"hivemindd did not answer within {self.timeout:.0f} s on {self.socket_path}.", EX_UNAVAILABLE)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             fail(f"cannot talk to hivemindd on {self.socket_path}: {exc}", EX_UNAVAILABLE)
-        finally:
-            conn.close()
         try:
             decoded = json.loads(raw) if raw else None
         except ValueError:
-            fail(f"hivemindd sent a reply that is not JSON (HTTP {response.status})", EX_UNAVAILABLE)
-        if response.status >= 400:
-            raise ApiError(response.status, decoded if isinstance(decoded, dict) else {})
+            fail(f"hivemindd sent a reply that is not JSON (HTTP {status})", EX_UNAVAILABLE)
+        if status >= 400:
+            raise ApiError(status, decoded if isinstance(decoded, dict) else {})
         return decoded
 
     def act(self, name: str, body: dict[str, Any] | None = None) -> Any:

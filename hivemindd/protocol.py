@@ -9,10 +9,9 @@ Pure stdlib: hmctl imports this module and must stay fast.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
-
-from hivemindd.state import check_run_id
 
 PREFIX = "/v1"
 MAX_BODY_BYTES = 1 << 20
@@ -25,6 +24,17 @@ EX_USAGE = 64
 EX_DATAERR = 65
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_run_id(run_id: object) -> str | None:
+    """Why ``run_id`` is unusable, or None. Run ids become path parts, so no slashes or dots first."""
+    if not isinstance(run_id, str):
+        return f"must be a string, got {type(run_id).__name__}"
+    if not RUN_ID_PATTERN.fullmatch(run_id):
+        return f"{run_id!r} is not a run id: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    return None
 
 
 @dataclass(frozen=True)

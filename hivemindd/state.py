@@ -4,29 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from hivemindd.launch import HostSettings
+from hivemindd.protocol import check_run_id
 
 STATE_VERSION = 1
-RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class StateError(RuntimeError):
     """state.json exists but cannot be used; the message says which file and why."""
-
-
-def check_run_id(run_id: object) -> str | None:
-    """Why ``run_id`` is unusable, or None. Run ids become path parts, so no slashes or dots first."""
-    if not isinstance(run_id, str):
-        return f"must be a string, got {type(run_id).__name__}"
-    if not RUN_ID_PATTERN.fullmatch(run_id):
-        return f"{run_id!r} is not a run id: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-    return None
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from hivemindd.launch import HostSettings
-from hivemindd.state import DesiredState, StateError, check_run_id, load_state, save_state, write_atomic
+from hivemindd.protocol import check_run_id
+from hivemindd.state import DesiredState, StateError, load_state, save_state, write_atomic
 
 
 def test_round_trip_and_mode(tmp_path: Path) -> None:
