@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 import click
 
+from hivemindd.dataset_pack import dataset
 from hivemindd.protocol import EX_FAILURE, EX_UNAVAILABLE, ROUTES, JoinRequest
 
 EX_NOPERM = 77
@@ -279,6 +280,8 @@ def _logs(client: Client, query: str) -> Any:
     except ApiError as exc:
         fail(str(exc), EX_FAILURE)
 
+
+main.add_command(dataset)
 
 if __name__ == "__main__":
     main()

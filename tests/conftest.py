@@ -40,3 +40,17 @@ def process_groups() -> Iterator[list[int]]:
     for pgid in groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
+
+
+@pytest.fixture
+def gcs(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """A running fake-gcs-server with the bucket ``test-bucket``; STORAGE_EMULATOR_HOST points at it."""
+    from tests.gcs_emulator import GcsEmulator
+
+    root = Path(tempfile.mkdtemp(prefix="hmt-gcs-", dir="/tmp"))
+    emulator = GcsEmulator(root).start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
+    emulator.create_bucket("test-bucket")
+    yield emulator
+    emulator.stop()
+    shutil.rmtree(root, ignore_errors=True)

@@ -1,7 +1,7 @@
 """The storage interface discovery needs: a flat namespace of small objects.
 
 Two implementations: ``file://`` (file.py, the embedded default) and ``gs://``
-(a later issue). Keys are relative paths like ``runs/demo/peers/<peer_id>.json``.
+(gcs.py). Keys are relative paths like ``runs/demo/peers/<peer_id>.json``.
 """
 
 from __future__ import annotations
@@ -49,5 +49,7 @@ def open_backend(url: str) -> DiscoveryBackend:
 
         return FileBackend(url)
     if url.startswith("gs://"):
-        raise DiscoveryError(f"{url}: gs:// discovery is not available in this version; use a file:// URL")
+        from hivemindd.discovery.gcs import GcsBackend
+
+        return GcsBackend(url)
     raise DiscoveryError(f"{url}: unknown discovery URL (expected file:///path or gs://bucket/prefix)")

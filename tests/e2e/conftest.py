@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, TypeVar
@@ -127,14 +125,6 @@ class DaemonProcess:
         if pid_file.exists():
             with suppress(ValueError, KeyError, ProcessLookupError, PermissionError):
                 os.killpg(int(json.loads(pid_file.read_text())["pgid"]), signal.SIGKILL)
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A short directory: unix socket paths must stay under 108 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="hm", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def no_process_left(root: Path) -> list[str]:
