@@ -75,7 +75,9 @@ class DiscoveryAgent:
 
     def peers(self) -> list[dict[str, Any]]:
         """Fresh peers other than this host, freshest first."""
-        now = self._clock()
+        # While the store is unreachable nobody can refresh: ages stop at the last good listing,
+        # so an outage does not look like the swarm dying.
+        now = self._clock() if self._error is None or self._last_ok is None else self._last_ok
         out = []
         for known in self._peers.values():
             age = known.age_s + (now - known.listed_at)

@@ -61,9 +61,9 @@ def wait_until(probe: Callable[[], T | None], timeout: float, what: str, interva
 class DaemonProcess:
     """One hivemindd with its own state dir and socket; logs to <state>/daemon.log."""
 
-    def __init__(self, state_dir: Path, discovery: Path, *extra: str) -> None:
+    def __init__(self, state_dir: Path, discovery: Path | str, *extra: str) -> None:
         self.state_dir = state_dir
-        self.discovery = discovery
+        self.discovery = discovery if isinstance(discovery, str) else discovery.as_uri()
         self.extra = extra
         self.client = Client(state_dir / "hivemindd.sock", timeout=60)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -74,7 +74,7 @@ class DaemonProcess:
         with open(self.state_dir / "daemon.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "hivemindd.daemon", "--state-dir", str(self.state_dir),
-                 "--discovery", self.discovery.as_uri(), "--heartbeat", "1", "--ttl", "5",
+                 "--discovery", self.discovery, "--heartbeat", "1", "--ttl", "5",
                  "--stop-timeout", "30", *self.extra],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True, cwd=REPO,
             )

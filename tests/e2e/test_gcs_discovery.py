@@ -1,0 +1,50 @@
+"""Real daemons meeting through a bucket on fake-gcs-server: discovery, run specs, an outage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import TEST_SPEC, DaemonProcess, wait_until
+from tests.gcs_emulator import GcsEmulator
+
+pytestmark = pytest.mark.timeout(600)
+DISCOVERY = "gs://test-bucket/swarm"
+
+
+def test_daemons_meet_through_the_bucket_and_survive_an_outage(gcs: GcsEmulator, short_tmp: Path) -> None:
+    daemons = [DaemonProcess(short_tmp / name, DISCOVERY) for name in ("a", "b", "c")]
+    try:
+        a, b, c = (d.start() for d in daemons)
+        ids = {d.status()["peer_id"] for d in daemons}
+        for d in daemons:
+            others = ids - {d.status()["peer_id"]}
+            wait_until(lambda d=d, others=others: others <= {p["peer_id"] for p in d.call("peers")}, 30,
+                       f"{d.state_dir.name} to list the other two")
+        assert a.status()["discovery"] == {**a.status()["discovery"], "url": DISCOVERY, "state": "ok"}
+
+        spec = short_tmp / "tiny.toml"
+        spec.write_text(TEST_SPEC)
+        assert a.hmctl("join", "--run-id", "gcsrun", "--spec", str(spec), "--device", "cpu").returncode == 0
+        joined = c.hmctl("join", "--run-id", "gcsrun", "--device", "cpu", "--json")  # by run id alone
+        assert joined.returncode == 0 and '"created": false' in joined.stdout, joined.stderr
+        other = spec.with_name("other.toml")
+        other.write_text(TEST_SPEC.replace("lr = 0.05", "lr = 0.5"))
+        clash = b.hmctl("join", "--run-id", "gcsrun", "--spec", str(other))
+        assert clash.returncode == 1 and "already exists with a different spec" in clash.stderr
+        for d in (a, c):
+            assert d.hmctl("pause").returncode == 0  # nothing here needs the trainers
+        c_id = c.status()["peer_id"]
+        wait_until(lambda: [p for p in a.call("peers") if p["peer_id"] == c_id], 30, "A to list C in the run")
+
+        gcs.stop()
+        wait_until(lambda: a.status()["discovery"]["state"] == "degraded", 30, "A to report degraded")
+        status = a.status()
+        assert "cannot" in status["discovery"]["error"] and status["dht"]["alive"]
+        assert [p["peer_id"] for p in a.call("peers")] == [c_id]  # keeps the peers it knew
+        gcs.start()
+        wait_until(lambda: a.status()["discovery"]["state"] == "ok", 60, "A to recover by itself")
+    finally:
+        for d in daemons:
+            d.reap()
