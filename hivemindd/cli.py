@@ -171,6 +171,8 @@ def render_status(st: dict[str, Any]) -> str:
             sps = f"  {t['samples_per_s']:.1f} samples/s" if isinstance(t.get("samples_per_s"), (int, float)) else ""
             lines.append(f"progress  step {t['step']}  epoch {t.get('epoch')}{loss}{sps}  "
                          f"checkpoint step {t.get('checkpoint_step')}")
+            if t.get("shards_failed"):
+                lines.append(f"data      {t['shards_failed']} shard(s) could not be read and were skipped (hmctl logs)")
         if t.get("last_error"):
             lines.append(f"error     {t['last_error']}")
         for line in t.get("error_lines") or []:

@@ -36,6 +36,7 @@ class DataSpec:
     val: str = ""
     train_samples: int = 0
     image_size: int = 224
+    classes: str = ""  # optional classes.json (path or URL) naming string labels; index = position
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ class RunSpec:
         for key, url in (("data.train", self.data.train), ("data.val", self.data.val)):
             need((key == "data.val" and url == "") or _is_url(url), key,
                  f"{url!r} is not a data location (a path, or a file://, gs://, https:// or demo:// URL)")
+        need(self.data.classes == "" or _is_url(self.data.classes), "data.classes",
+             f"{self.data.classes!r} is not a class list location (a path, or a file://, gs:// or https:// URL)")
         need(self.data.train_samples > 0, "data.train_samples", "must be the number of samples in one dataset epoch (> 0)")
         need(8 <= self.data.image_size <= 1024, "data.image_size", "must be between 8 and 1024 pixels")
         need(self.optimizer.lr > 0, "optimizer.lr", "must be > 0")

@@ -26,6 +26,8 @@ from hivemindd.process import Spawner, TrainerHandle
 log = structlog.get_logger(__name__)
 
 EXIT_CONFIG_ERROR = 2  # the trainer's "restarting will not fix this" exit code
+# Progress fields the trainer reports that status shows as they are.
+_REPORTED = ("step", "epoch", "loss", "samples_per_s", "lr", "samples", "shards_failed")
 
 
 class TrainerState(enum.Enum):
@@ -163,6 +165,7 @@ class Supervisor:
             "loss": self.info.get("loss"),
             "samples_per_s": self.info.get("samples_per_s"),
             "lr": self.info.get("lr"),
+            "shards_failed": self.info.get("shards_failed"),
             "resumed_from": self.info.get("resumed_from"),
             "trainer_peer_id": self.info.get("peer_id"),
         }
@@ -290,7 +293,7 @@ class Supervisor:
 
     def _on_event(self, event: dict[str, Any]) -> None:
         kind = event["type"]
-        fields: dict[str, Any] = {k: event[k] for k in ("step", "epoch", "loss", "samples_per_s", "lr", "samples") if k in event}
+        fields: dict[str, Any] = {k: event[k] for k in _REPORTED if k in event}
         self.info.update(fields)
         if kind == "started":
             self.info["peer_id"] = event.get("peer_id")

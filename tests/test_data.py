@@ -59,8 +59,6 @@ def test_no_shards_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("url", "words"), [
-    ("gs://bucket/train-{0..3}.tar", "gs:// data arrives with the GCS support"),
-    ("https://host/train.tar", "https://"),
     ("file://otherhost/data/train.tar", "must be local"),
     ("demo://shapes/test", "not a demo set"),
 ])

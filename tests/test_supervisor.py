@@ -107,8 +107,8 @@ def test_start_ready_crash_restart_pause_resume_leave(tmp_path: Path) -> None:
         sup.want("demo", launch, paused=False)
         await until(lambda: sup.state is S.STARTING)
         spawner.on_event({"type": "started", "peer_id": "Qm1"})
-        spawner.on_event({"type": "progress", "step": 7, "epoch": 1, "loss": 2.0})
-        assert sup.state is S.RUNNING and sup.snapshot()["step"] == 7
+        spawner.on_event({"type": "progress", "step": 7, "epoch": 1, "loss": 2.0, "shards_failed": 2})
+        assert sup.state is S.RUNNING and sup.snapshot()["step"] == 7 and sup.snapshot()["shards_failed"] == 2
         spawner.handles[0].finish(-9)  # killed from outside
         await until(lambda: len(spawner.handles) == 2)
         assert sup.restarts == 1 and sup.state is S.STARTING

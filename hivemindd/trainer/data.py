@@ -1,19 +1,32 @@
-"""Training data: shard locations, brace expansion and the WebDataset pipeline.
+"""Training data: shard locations, brace expansion, shard opening and the WebDataset pipeline.
 
 Every peer draws shards at random, with its own seed, forever (``ResampledShards``):
 peers need no coordination over who reads what, and a restarted peer simply draws
 anew. One dataset epoch is therefore a number of samples (``data.train_samples``),
 not a pass over the files.
+
+Shards are local files, ``gs://`` objects (google-cloud-storage: chunked ranged
+reads with the library's retry, the generation pinned per shard) or ``https://``
+URLs (urllib). A shard that cannot be read (missing, corrupt, network down, a
+label that cannot be mapped) costs a warning and is counted in ``ShardTally``;
+only when nothing can be read at all does the trainer stop, with a ConfigError.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import logging
+import multiprocessing
+import os
 import tarfile
-from collections.abc import Iterable, Iterator
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlparse
 
 import braceexpand
@@ -21,7 +34,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 from torchvision import transforms
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from hivemindd.trainer.demo_data import ensure_demo_shards
 from hivemindd.trainer.errors import ConfigError
@@ -32,8 +45,38 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SHUFFLE_BUFFER = 1000  # samples; mixes consecutive shards without costing much memory
+REMOTE_SCHEMES = ("gs://", "https://", "http://")
+GCS_CHUNK_BYTES = 16 << 20  # one ranged GET per chunk, each retried by the library on its own
+HTTP_TIMEOUT_S = 60.0
+HTTP_ATTEMPTS = 3
+CHECK_ATTEMPTS = 4  # shards tried up front before a location is declared unreadable
+MAX_CONSECUTIVE_FAILURES = 32  # per loader worker: past this, the location is taken for unreadable
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class NoReadableShards(ConfigError):
+    """Every shard drawn in a row failed: the data location is gone or wrong."""
+
+
+class ShardError(Exception):
+    """One shard cannot be used (bad label); the shard is skipped and counted."""
+
+
+class ShardTally:
+    """Shards that failed since the trainer started, summed over all loader worker processes."""
+
+    def __init__(self) -> None:
+        # Shared memory inherited by (or handed to, under spawn) the loader workers at their start.
+        self._failed = multiprocessing.Value("q", 0)
+
+    @property
+    def failed(self) -> int:
+        return int(self._failed.value)
+
+    def add_failure(self) -> None:
+        with self._failed.get_lock():
+            self._failed.value += 1
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -41,8 +84,18 @@ def expand_braces(pattern: str) -> list[str]:
     return list(braceexpand.braceexpand(pattern))
 
 
+def is_remote(url: str) -> bool:
+    return url.startswith(REMOTE_SCHEMES)
+
+
 def resolve_shards(url: str, key: str, cache_dir: str) -> list[str]:
-    """Local shard paths for a spec data location; ConfigError naming ``key`` if there are none."""
+    """Shard paths or URLs for a spec data location; ConfigError naming ``key`` if there are none.
+
+    Local shards that do not exist are dropped here; remote ones are all returned
+    (listing a bucket of 641 shards costs more than finding a missing one when read).
+    """
+    if is_remote(url):
+        return expand_braces(url)
     pattern = _local_pattern(url, key, cache_dir)
     paths = expand_braces(pattern)
     present = [p for p in paths if Path(p).is_file()]
@@ -59,12 +112,6 @@ def resolve_shards(url: str, key: str, cache_dir: str) -> list[str]:
 def _local_pattern(url: str, key: str, cache_dir: str) -> str:
     if url.startswith("demo://"):
         return _demo_pattern(url, key, cache_dir)
-    if url.startswith("gs://"):
-        raise ConfigError(f"{key}: {url} is on Google Cloud Storage; gs:// data arrives with the GCS support, "
-                          "use a local path or file:// for now")
-    if url.startswith(("https://", "http://")):
-        raise ConfigError(f"{key}: {url} is remote; https:// data arrives with HTTP streaming support, "
-                          "use a local path or file:// for now")
     if url.startswith("file://"):
         parsed = urlparse(url)
         if parsed.netloc not in ("", "localhost"):
@@ -80,17 +127,162 @@ def _demo_pattern(url: str, key: str, cache_dir: str) -> str:
     return shards.train if url.endswith("/train") else shards.val
 
 
-def check_shard(path: str, key: str) -> None:
-    """Fail early, with a clear message, if ``path`` is not a WebDataset shard of labelled images."""
+# --- opening shards ---------------------------------------------------------------------------
+
+_gcs_clients: dict[tuple[int, str | None], Any] = {}
+
+
+def _gcs() -> Any:
+    """This process's storage client, made on first use.
+
+    A client holds sockets and credential refresh state that must not cross a fork:
+    every loader worker makes its own (hence the pid in the cache key). With
+    STORAGE_EMULATOR_HOST set the library talks to the emulator with anonymous
+    credentials by itself; otherwise it uses Application Default Credentials.
+    """
+    key = (os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST"))
+    if key not in _gcs_clients:
+        from google.cloud import storage  # imported late: only gs:// data needs it
+
+        for (pid, _), stale in list(_gcs_clients.items()):
+            if pid == os.getpid():
+                stale.close()  # the emulator moved (tests)
+        _gcs_clients.clear()  # a forked child's copy of its parent's client is never used
+        _gcs_clients[key] = storage.Client()
+    return _gcs_clients[key]
+
+
+def _split_gs(url: str) -> tuple[str, str]:
+    parsed = urlparse(url)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def _open_gcs(url: str) -> IO[bytes]:
+    bucket_name, name = _split_gs(url)
+    bucket = _gcs().bucket(bucket_name)
+    meta = bucket.get_blob(name)  # one metadata GET: it fixes the generation this shard is read at
+    if meta is None:
+        from google.api_core.exceptions import NotFound
+
+        raise NotFound(f"404 {url} does not exist")
+    # A blob bound to a generation reads that generation only: an object replaced while we
+    # read it fails the shard (404) rather than mixing two versions.
+    pinned = bucket.blob(name, generation=meta.generation)
+    stream: IO[bytes] = pinned.open("rb", chunk_size=GCS_CHUNK_BYTES)
+    return stream
+
+
+def _open_http(url: str) -> IO[bytes]:
+    for attempt in range(1, HTTP_ATTEMPTS + 1):
+        try:
+            response: IO[bytes] = urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
+            return response
+        except urllib.error.HTTPError as exc:
+            exc.close()  # it holds the response and its socket; the status is all we need
+            if exc.code < 500 and exc.code != 429:
+                raise  # 404 and friends will not get better with another try
+            if attempt == HTTP_ATTEMPTS:
+                raise
+        except OSError:
+            if attempt == HTTP_ATTEMPTS:
+                raise
+        time.sleep(2 ** (attempt - 1))  # backoff between attempts: 1 s, 2 s
+    raise AssertionError("unreachable")
+
+
+def open_location(url: str) -> IO[bytes]:
+    """A readable binary stream for a local path, file://, gs:// or https:// location."""
+    if url.startswith("gs://"):
+        return _open_gcs(url)
+    if url.startswith(("https://", "http://")):
+        return _open_http(url)
+    if url.startswith("file://"):
+        url = urlparse(url).path
+    return open(url, "rb")  # the caller closes it
+
+
+def _is_missing(exc: BaseException) -> bool:
+    if isinstance(exc, FileNotFoundError):
+        return True
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code == 404
+    return type(exc).__name__ == "NotFound"  # google.api_core.exceptions.NotFound, not imported for local data
+
+
+# --- labels -----------------------------------------------------------------------------------
+
+def load_classes(location: str, key: str = "data.classes") -> list[str]:
+    """The class list (a JSON list of names; index = position) at a path or URL."""
     try:
-        with tarfile.open(path) as tar:
-            names = [m.name for m in itertools.islice(tar, 64)]
+        with contextlib.closing(open_location(location)) as stream:
+            names = json.loads(stream.read())
+    except Exception as exc:
+        raise ConfigError(f"{key}: cannot read the class list {location} ({_first_line(exc)})") from None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{key}: {location} is not a JSON list of class names")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{key}: {location} names some classes twice")
+    return names
+
+
+def class_index(classes: Sequence[str] | None) -> dict[str, int] | None:
+    """Class name → index (its position in the list); None without a list."""
+    return {name: i for i, name in enumerate(classes)} if classes is not None else None
+
+
+def label_index(raw: bytes, classes: dict[str, int] | None) -> int:
+    """A sample's ``cls``: an integer as text, or a class name looked up in ``classes``."""
+    text = raw.decode("utf-8", errors="replace").strip()
+    with contextlib.suppress(ValueError):
+        return int(text)
+    if classes is None:
+        raise ShardError(f"label {text!r} is a class name but data.classes names no class list")
+    if text not in classes:
+        raise ShardError(f"label {text!r} is not in the class list (data.classes)")
+    return classes[text]
+
+
+# --- checks and pipeline ----------------------------------------------------------------------
+
+def check_shard(path: str, key: str, classes: Sequence[str] | None = None) -> None:
+    """Fail early, with a clear message, if ``path`` is not a WebDataset shard of labelled images."""
+    names: list[str] = []
+    first_label: bytes | None = None
+    try:
+        with contextlib.closing(open_location(path)) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in itertools.islice(tar, 64):
+                names.append(member.name)
+                if first_label is None and member.name.endswith(".cls") and member.isreg():
+                    extracted = tar.extractfile(member)
+                    first_label = extracted.read() if extracted is not None else None
     except (OSError, tarfile.TarError) as exc:
         raise ConfigError(f"{key}: {path} is not a readable tar shard ({exc})") from None
+    except Exception as exc:  # google.api_core errors (404, 403, …) after the library's retries
+        raise ConfigError(f"{key}: {path} cannot be read ({_first_line(exc)})") from None
     suffixes = {name.rsplit(".", 1)[-1].lower() for name in names if "." in name}
     if not suffixes & set(IMAGE_KEYS) or "cls" not in suffixes:
         raise ConfigError(f"{key}: {path} has no samples with an image ({'/'.join(IMAGE_KEYS)}) and a 'cls' label "
                           f"(first entries: {', '.join(names[:4]) or 'none'})")
+    if first_label is not None:
+        try:
+            label_index(first_label, class_index(classes))
+        except ShardError as exc:
+            raise ConfigError(f"{key}: {path}: {exc}") from None
+
+
+def check_location(url: str, shards: Sequence[str], key: str, classes: Sequence[str] | None = None) -> None:
+    """ConfigError unless one of the first few shards of ``url`` reads as a labelled shard."""
+    first: ConfigError | None = None
+    for shard in shards[:CHECK_ATTEMPTS]:
+        try:
+            check_shard(shard, key, classes)
+            return
+        except ConfigError as exc:
+            first = first or exc
+            log.warning("%s", exc)
+    assert first is not None
+    reason = str(first).split(": ", 1)[-1]
+    raise ConfigError(f"{key}: no shard of {url} could be read: {reason}")
 
 
 def train_transform(image_size: int) -> transforms.Compose:
@@ -103,32 +295,73 @@ def train_transform(image_size: int) -> transforms.Compose:
     ])
 
 
+class ShardReader:
+    """Turns a stream of ``{"url": shard}`` into raw samples, skipping and counting shards that fail.
+
+    Picklable (a loader worker gets a copy); all connections are made inside the worker.
+    """
+
+    def __init__(self, key: str = "data", location: str = "", classes: list[str] | None = None,
+                 tally: ShardTally | None = None, shard_count: int = 0) -> None:
+        self.key, self.location = key, location
+        self.classes = class_index(classes)
+        self.tally = tally
+        self.shard_count = shard_count  # distinct shards drawn from; 0: unknown
+
+    def __call__(self, sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        missing: set[str] = set()  # 404s: drawing them again cannot help
+        failures = 0
+        last_error = ""
+        for source in sources:
+            url = source["url"]
+            if url in missing:
+                continue
+            try:
+                yield from self._read(url)
+            except Exception as exc:
+                last_error = _first_line(exc)
+                log.warning("%s: skipping shard %s: %s", self.key, url, last_error)
+                if self.tally is not None:
+                    self.tally.add_failure()
+                if _is_missing(exc):
+                    missing.add(url)
+                failures += 1
+                if 0 < self.shard_count <= len(missing):
+                    self._give_up(f"all {self.shard_count} are missing, the last with: {last_error}")
+                if failures >= MAX_CONSECUTIVE_FAILURES:
+                    self._give_up(f"{failures} shards failed in a row, the last with: {last_error}")
+            else:
+                failures = 0
+
+    def _read(self, url: str) -> Iterator[dict[str, Any]]:
+        with contextlib.closing(open_location(url)) as stream:
+            for sample in group_by_keys(self._files(stream, url)):
+                if "cls" in sample:
+                    sample["cls"] = str(label_index(sample["cls"], self.classes)).encode()
+                yield sample
+
+    @staticmethod
+    def _files(stream: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
+        for file in tar_file_iterator(stream):
+            file["__url__"] = url
+            yield file
+
+    def _give_up(self, why: str) -> None:
+        raise NoReadableShards(f"{self.key}: no shard of {self.location or 'the data location'} could be read: {why}")
+
+
 def samples_from_shards(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Raw samples (``{"__key__", "png", "cls", ...}``) from a stream of ``{"url": path}`` shards."""
-    # One bad shard or sample in a big dataset should cost a warning, not the run.
-    files = tar_file_expander(_open_shards(sources), handler=wds.warn_and_continue)
-    return group_by_keys(files, handler=wds.warn_and_continue)
+    return ShardReader()(sources)
 
 
-def _open_shards(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    # webdataset's own opener never closes its files; over an endless stream that is a
-    # file handle per shard left to the garbage collector.
-    for source in sources:
-        try:
-            stream = open(source["url"], "rb")  # noqa: SIM115  # closed when the next shard is asked for
-        except OSError as exc:
-            log.warning("skipping shard %s: %s", source["url"], exc)
-            continue
-        with stream:
-            yield {**source, "stream": stream}
-
-
-def train_dataset(shards: list[str], image_size: int) -> wds.DataPipeline:
+def train_dataset(shards: list[str], image_size: int, *, key: str = "data.train", location: str = "",
+                  classes: list[str] | None = None, tally: ShardTally | None = None) -> wds.DataPipeline:
     """An endless stream of (image tensor, class index) from randomly drawn shards."""
     return wds.DataPipeline(
         # Non-deterministic seeding: every peer (and every restart) draws its own shard sequence.
         wds.ResampledShards(shards, deterministic=False),
-        samples_from_shards,
+        ShardReader(key, location, classes, tally, shard_count=len(set(shards))),
         wds.shuffle(SHUFFLE_BUFFER),
         wds.decode("pil", handler=wds.warn_and_continue),
         wds.to_tuple(";".join(IMAGE_KEYS), "cls", handler=wds.warn_and_continue),
@@ -136,13 +369,34 @@ def train_dataset(shards: list[str], image_size: int) -> wds.DataPipeline:
     )
 
 
-def train_batches(shards: list[str], image_size: int, batch_size: int, workers: int) -> Iterator[Batch]:
-    """Endless batches; call before starting hivemind so loader workers fork from a quiet process."""
+def train_batches(shards: list[str], image_size: int, batch_size: int, workers: int, *, key: str = "data.train",
+                  location: str = "", classes: list[str] | None = None, tally: ShardTally | None = None) -> Iterator[Batch]:
+    """Endless batches; call before starting hivemind so loader workers fork from a quiet process.
+
+    ``location`` (the spec's URL, for messages), ``classes`` (names of string labels) and
+    ``tally`` (failed shards) go to the ShardReader. Raises ConfigError (from ``next``)
+    once the data location turns out unreadable.
+    """
     loader = DataLoader(
-        train_dataset(shards, image_size),
+        train_dataset(shards, image_size, key=key, location=location, classes=classes, tally=tally),
         batch_size=batch_size,
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
-    return iter(loader)
+    return _unwrap_worker_errors(iter(loader))
+
+
+def _unwrap_worker_errors(batches: Iterator[Batch]) -> Iterator[Batch]:
+    try:
+        yield from batches
+    except NoReadableShards as exc:
+        # From a worker, torch re-raises it with the worker's whole traceback as the message;
+        # the daemon shows one line, so keep the original one (the traceback's last).
+        line = str(exc).strip().splitlines()[-1]
+        raise ConfigError(line.split(f"{NoReadableShards.__name__}: ", 1)[-1]) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

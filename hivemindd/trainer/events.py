@@ -35,10 +35,12 @@ class EventWriter:
     def resumed(self, source: ResumeSource, step: int, epoch: int) -> None:
         self.emit("resumed", source=source, step=step, epoch=epoch)
 
-    def progress(self, step: int, epoch: int, loss: float, samples_per_s: float, lr: float, samples: int) -> None:
+    def progress(self, step: int, epoch: int, loss: float, samples_per_s: float, lr: float, samples: int,
+                 shards_failed: int = 0) -> None:
+        """``shards_failed``: data shards skipped as unreadable since this trainer process started."""
         # JSON has no NaN: a diverged loss is sent as null rather than breaking strict readers.
         self.emit("progress", step=step, epoch=epoch, loss=loss if math.isfinite(loss) else None,
-                  samples_per_s=samples_per_s, lr=lr, samples=samples)
+                  samples_per_s=samples_per_s, lr=lr, samples=samples, shards_failed=shards_failed)
 
     def checkpoint(self, step: int, epoch: int, path: str) -> None:
         self.emit("checkpoint", step=step, epoch=epoch, path=path)

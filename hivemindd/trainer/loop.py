@@ -28,7 +28,7 @@ from torch import nn
 from hivemindd.launch import TrainerLaunch
 from hivemindd.trainer import swarm
 from hivemindd.trainer.checkpoint import LoadedCheckpoint, load_latest, save_checkpoint
-from hivemindd.trainer.data import Batch, check_shard, resolve_shards, train_batches
+from hivemindd.trainer.data import Batch, ShardTally, check_location, load_classes, resolve_shards, train_batches
 from hivemindd.trainer.errors import ConfigError
 from hivemindd.trainer.events import EventWriter, ResumeSource
 from hivemindd.trainer.model import batchnorm_buffers, build_model, select_device, set_cpu_threads
@@ -93,6 +93,7 @@ class Session:
     buffers: swarm.BufferSync
     opt: hivemind.Optimizer
     batches: Iterator[Batch]
+    tally: ShardTally
     counters: Counters
     meter: ProgressMeter = field(default_factory=ProgressMeter)
 
@@ -102,8 +103,9 @@ def run(launch: TrainerLaunch, events: EventWriter, stop: threading.Event) -> No
     spec = launch.spec
     Path(launch.work_dir).mkdir(parents=True, exist_ok=True)
     device = select_device(launch.host.device)
+    classes = load_classes(spec.data.classes) if spec.data.classes else None
     shards = resolve_shards(spec.data.train, "data.train", launch.cache_dir)
-    check_shard(shards[0], "data.train")
+    check_location(spec.data.train, shards, "data.train", classes)
     model = build_model(spec.model.arch, spec.model.num_classes, spec.data.image_size)
     loaded = load_latest(launch.checkpoint_dir)
     if loaded.payload is not None:
@@ -113,7 +115,9 @@ def run(launch: TrainerLaunch, events: EventWriter, stop: threading.Event) -> No
     log.info("trainer: run=%s model=%s device=%s threads=%d shards=%d batch_size=%d workers=%d", launch.run_id,
              spec.model.arch, device, threads, len(shards), launch.host.batch_size, launch.host.workers)
     # Loader workers fork now, before hivemind starts its threads and processes.
-    batches = train_batches(shards, spec.data.image_size, launch.host.batch_size, launch.host.workers)
+    tally = ShardTally()
+    batches = train_batches(shards, spec.data.image_size, launch.host.batch_size, launch.host.workers,
+                            key="data.train", location=spec.data.train, classes=classes, tally=tally)
 
     dht = swarm.start_dht(launch)
     opt: hivemind.Optimizer | None = None
@@ -123,7 +127,7 @@ def run(launch: TrainerLaunch, events: EventWriter, stop: threading.Event) -> No
         events.started(peer_id=str(dht.peer_id), pid=os.getpid(), maddrs=maddrs)
         buffers = swarm.BufferSync(batchnorm_buffers(model))
         opt = swarm.build_optimizer(launch, dht, model, buffers.tensors)
-        session = Session(launch, events, device, model, buffers, opt, batches, Counters())
+        session = Session(launch, events, device, model, buffers, opt, batches, tally, Counters())
         source = _resume(session, loaded)
         log.info("resumed from %s: step=%d epoch=%d", source, session.counters.step, opt.local_epoch)
         events.resumed(source=source, step=session.counters.step, epoch=opt.local_epoch)
@@ -229,10 +233,11 @@ def _report_progress(session: Session) -> None:
     loss, rate = session.meter.take()
     counters, opt = session.counters, session.opt
     lr = swarm.current_lr(opt)
+    failed = session.tally.failed
     session.events.progress(step=counters.step, epoch=opt.local_epoch, loss=loss, samples_per_s=rate, lr=lr,
-                            samples=counters.samples)
-    log.info("step=%d epoch=%d loss=%.4f samples/s=%.1f lr=%.4g samples=%d", counters.step, opt.local_epoch,
-             loss, rate, lr, counters.samples)
+                            samples=counters.samples, shards_failed=failed)
+    log.info("step=%d epoch=%d loss=%.4f samples/s=%.1f lr=%.4g samples=%d shards_failed=%d", counters.step,
+             opt.local_epoch, loss, rate, lr, counters.samples, failed)
 
 
 def _checkpoint(session: Session) -> None:
