@@ -28,6 +28,7 @@ class SpecError(ValueError):
 class ModelSpec:
     arch: str = "resnet50"
     num_classes: int = 1000
+    pretrained: str = ""  # optional local file of weights to start from; nothing is downloaded
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,19 @@ class OptimizerSpec:
     milestones: tuple[float, ...] = (30, 60, 90)
     gamma: float = 0.1
     target_batch_size: int = 4096
+    lr_scaling: str = "none"  # "linear": lr x target_batch_size / 256 (Goyal et al.)
+    warmup_epochs: float = 0.0  # dataset epochs of linear warmup from ~0 to lr; 0 = none
 
 
 @dataclass(frozen=True)
 class AveragingSpec:
-    strategy: str = "collaborative"
+    strategy: str = "collaborative"  # or "gossip": local steps, parameters averaged in groups
     matchmaking_time: float = 5.0
     averaging_timeout: float = 60.0
+    group_size: int = 16  # gossip: the largest averaging group
+    min_group_size: int = 2  # gossip: fewer partners than this and the round is skipped
+    alpha: float = 1.0  # gossip: weight of the group average (1.0 = replace by the average)
+    average_every_steps: int = 10  # gossip: local steps between averaging rounds
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,11 @@ class ValidationSpec:
 
 
 @dataclass(frozen=True)
+class RunSection:
+    max_epochs: float = 0.0  # dataset epochs after which the run ends (final.pt); 0 = no end
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """The whole recipe of a run; identical on every peer."""
 
@@ -77,6 +89,7 @@ class RunSpec:
     averaging: AveragingSpec = field(default_factory=AveragingSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     validation: ValidationSpec = field(default_factory=ValidationSpec)
+    run: RunSection = field(default_factory=RunSection)
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "spec", text: str | None = None) -> RunSpec:
@@ -121,8 +134,17 @@ class RunSpec:
              "optimizer.milestones", "must be increasing positive dataset epochs")
         need(0 < self.optimizer.gamma <= 1, "optimizer.gamma", "must be in (0, 1]")
         need(self.optimizer.target_batch_size > 0, "optimizer.target_batch_size", "must be > 0")
-        need(self.averaging.strategy == "collaborative", "averaging.strategy",
-             f"{self.averaging.strategy!r} is not supported by this version (use 'collaborative')")
+        need(self.optimizer.lr_scaling in ("none", "linear"), "optimizer.lr_scaling",
+             f"{self.optimizer.lr_scaling!r} is not a scaling rule (use 'none' or 'linear')")
+        need(self.optimizer.warmup_epochs >= 0, "optimizer.warmup_epochs", "must be >= 0 dataset epochs")
+        need(self.averaging.strategy in ("collaborative", "gossip"), "averaging.strategy",
+             f"{self.averaging.strategy!r} is not a strategy (use 'collaborative' or 'gossip')")
+        need(self.averaging.group_size >= 2, "averaging.group_size", "must be at least 2 peers")
+        need(1 <= self.averaging.min_group_size <= self.averaging.group_size, "averaging.min_group_size",
+             f"must be between 1 and averaging.group_size ({self.averaging.group_size})")
+        need(0 < self.averaging.alpha <= 1, "averaging.alpha", "must be in (0, 1] (1.0 = full average)")
+        need(self.averaging.average_every_steps > 0, "averaging.average_every_steps", "must be > 0 local steps")
+        need(self.run.max_epochs >= 0, "run.max_epochs", "must be >= 0 dataset epochs (0 = no end)")
         need(self.averaging.matchmaking_time > 0, "averaging.matchmaking_time", "must be > 0 seconds")
         need(self.averaging.averaging_timeout > 0, "averaging.averaging_timeout", "must be > 0 seconds")
         need(self.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
@@ -170,6 +192,7 @@ _SECTION_CLASSES: dict[str, type] = {
     "averaging": AveragingSpec,
     "checkpoint": CheckpointSpec,
     "validation": ValidationSpec,
+    "run": RunSection,
 }
 
 

@@ -64,10 +64,24 @@ def test_toml_syntax_error_is_reported() -> None:
         parse_toml("[model\narch=", "broken.toml")
 
 
-def test_unsupported_strategy_is_refused_clearly() -> None:
-    text = "[data]\ntrain = 'a.tar'\ntrain_samples = 100\n[averaging]\nstrategy = 'gossip'\n"
-    with pytest.raises(SpecError, match=r"averaging\.strategy"):
+@pytest.mark.parametrize(("section", "key"), [
+    ("[averaging]\nstrategy = 'allreduce'\n", r"averaging\.strategy"),
+    ("[averaging]\nstrategy = 'gossip'\nalpha = 0.0\n", r"averaging\.alpha"),
+    ("[averaging]\nstrategy = 'gossip'\nalpha = 1.5\n", r"averaging\.alpha"),
+    ("[averaging]\ngroup_size = 4\nmin_group_size = 5\n", r"averaging\.min_group_size"),
+    ("[optimizer]\nlr_scaling = 'sqrt'\n", r"optimizer\.lr_scaling"),
+    ("[optimizer]\nwarmup_epochs = -1\n", r"optimizer\.warmup_epochs"),
+    ("[run]\nmax_epochs = -2\n", r"run\.max_epochs"),
+])
+def test_bad_strategy_and_schedule_values_are_refused_by_key(section: str, key: str) -> None:
+    text = "[data]\ntrain = 'a.tar'\ntrain_samples = 100\n" + section
+    with pytest.raises(SpecError, match=key):
         parse_toml(text)
+
+
+def test_gossip_spec_is_accepted_with_defaults() -> None:
+    spec = parse_toml("[data]\ntrain = 'a.tar'\ntrain_samples = 100\n[averaging]\nstrategy = 'gossip'\n")
+    assert (spec.averaging.group_size, spec.averaging.min_group_size, spec.averaging.alpha) == (16, 2, 1.0)
 
 
 def test_garbage_published_spec_is_refused() -> None:
