@@ -30,8 +30,8 @@ def ensure_identity(path: Path) -> str:
     return str(PeerID.from_identity(path.read_bytes()).to_base58())
 
 
-async def _connect(_dht: Any, node: Any, peers: Sequence[tuple[str, Sequence[str]]]) -> int:
-    """Runs inside the DHT process: dial each peer and add it to the routing table."""
+async def _connect(_dht: Any, node: Any, peers: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
+    """Runs inside the DHT process: dial each peer and add it to the routing table; returns who answered."""
     from hivemind.p2p import PeerID
     from hivemind.utils.multiaddr import Multiaddr
 
@@ -44,7 +44,7 @@ async def _connect(_dht: Any, node: Any, peers: Sequence[tuple[str, Sequence[str
             return False
 
     results = await asyncio.gather(*(one(pid, maddrs) for pid, maddrs in peers))
-    return sum(results)
+    return [pid for (pid, _), ok in zip(peers, results, strict=True) if ok]
 
 
 class HostDHT:
@@ -85,13 +85,13 @@ class HostDHT:
     def alive(self) -> bool:
         return self._dht is not None and self._dht.is_alive()
 
-    async def connect(self, peers: Sequence[tuple[str, Sequence[str]]]) -> int:
-        """Dial newly discovered peers so that separate islands merge; returns how many answered."""
+    async def connect(self, peers: Sequence[tuple[str, Sequence[str]]]) -> list[str]:
+        """Dial newly discovered peers so that separate islands merge; returns the peer ids that answered."""
         if not self.alive or not peers:
-            return 0
+            return []
         call = partial(_connect, peers=[(pid, list(m)) for pid, m in peers])
-        connected: int = await asyncio.to_thread(self._dht.run_coroutine, call)
-        return connected
+        answered: list[str] = await asyncio.to_thread(self._dht.run_coroutine, call)
+        return answered
 
     def stop(self) -> None:
         if self._dht is not None:

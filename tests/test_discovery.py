@@ -1,6 +1,7 @@
 """File discovery: records, the backend, and the agent loop (freshness, garbage, GC, degraded)."""
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -214,3 +215,64 @@ def test_an_unexpected_store_exception_degrades_instead_of_killing_the_loop(tmp_
 
     run(asyncio.wait_for(scenario(), timeout=10))
     assert "library bug" in agent.status()["error"]
+
+
+def test_a_peer_that_does_not_answer_is_redialed_with_backoff_until_it_does(tmp_path: Path) -> None:
+    """A fresh record whose node is not up yet: the agent re-lists and dials again, then stops dialing."""
+    (tmp_path / "hosts").mkdir()
+    (tmp_path / f"hosts/{PEER_B}.json").write_bytes(record(PEER_B).to_json())
+    dials: list[float] = []
+
+    async def dial(records: list[PeerRecord]) -> list[str]:
+        dials.append(time.monotonic())
+        return [r.peer_id for r in records] if len(dials) >= 3 else []  # B's node answers from the third try
+
+    # A long heartbeat: any retry before it comes from the dial backoff, not the heartbeat.
+    agent = DiscoveryAgent(FileBackend(tmp_path.as_uri()), describe=lambda: record(PEER_A), on_new_peers=dial,
+                           heartbeat_s=60.0, ttl_s=600.0)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(agent.run())
+        while len(dials) < 3:
+            await asyncio.sleep(0.05)
+        answered_at = len(dials)
+        agent._wake.set()  # another heartbeat: B answered already, so it is not dialed again
+        own = tmp_path / f"hosts/{PEER_A}.json"
+        before = own.stat().st_mtime_ns
+        while own.stat().st_mtime_ns == before:
+            await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert len(dials) == answered_at
+
+    with structlog.testing.capture_logs() as logs:
+        run(asyncio.wait_for(scenario(), timeout=30))
+    gaps = [b - a for a, b in itertools.pairwise(dials)]
+    assert gaps[0] >= 1.0 and gaps[1] > gaps[0]  # backoff grows (2 s, 4 s, jittered ±20 %)
+    assert sum(e["event"] == "discovery.dial_retry_later" for e in logs) == 2
+
+
+def test_dials_are_batched_and_each_peer_is_dialed_once(tmp_path: Path) -> None:
+    (tmp_path / "hosts").mkdir()
+    peers = [f"Qm{chr(ord('a') + i)}" + PEER_B[3:] for i in range(11)]
+    for pid in peers:
+        (tmp_path / f"hosts/{pid}.json").write_bytes(record(pid).to_json())
+    batches: list[list[str]] = []
+
+    async def dial(records: list[PeerRecord]) -> None:
+        batches.append([r.peer_id for r in records])
+
+    agent = DiscoveryAgent(FileBackend(tmp_path.as_uri()), describe=lambda: record(PEER_A), on_new_peers=dial,
+                           heartbeat_s=60.0, ttl_s=600.0)
+
+    async def scenario() -> None:
+        await agent.heartbeat()
+        while agent._dialing:
+            await asyncio.sleep(0.01)
+        await agent.heartbeat()
+        while agent._dialing:
+            await asyncio.sleep(0.01)
+
+    run(asyncio.wait_for(scenario(), timeout=10))
+    assert sorted(len(b) for b in batches) == [3, 8]
+    assert sorted(itertools.chain.from_iterable(batches)) == sorted(peers)

@@ -5,15 +5,21 @@ of its scope (the run it joined, or the host list when not joined), keeps the
 fresh ones, tells the DHT about newcomers and deletes records far past the TTL.
 When the store fails it keeps the peers it knows, retries with capped backoff
 and reports ``degraded``.
+
+Newcomers are dialed in shuffled batches of at most ``DIAL_BATCH``. A peer that
+does not answer (its record is fresh but its node is not up yet, or a dial timed
+out) is dialed again with backoff and jitter, and the agent wakes early to re-list
+and retry, so a host whose bootstrap peers were all unreachable still joins within
+seconds of one answering. A peer that answered is not dialed again unless its
+addresses change.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +31,12 @@ from hivemindd.discovery.records import PeerRecord, RecordError
 log = structlog.get_logger(__name__)
 
 GC_TTL_MULTIPLE = 10  # a record this many TTLs old belongs to a host that is gone for good
+DIAL_BATCH = 8  # peers dialed at once, as a bootstrap list
+MIN_WAKE_S = 1.0  # the earliest a failed dial is retried (and the store re-listed)
+MAX_REDIAL_HEARTBEATS = 4  # an unreachable peer is retried at least this often, in heartbeats
+
+# Dial callback: the peer ids that answered, or None when the dialer cannot tell (taken as all).
+DialPeers = Callable[[list[PeerRecord]], Awaitable[Collection[str] | None]]
 
 
 def peers_prefix(run_id: str | None) -> str:
@@ -42,6 +54,17 @@ class KnownPeer:
     listed_at: float  # our monotonic clock
 
 
+@dataclass
+class _Dial:
+    """Where dialing one peer stands."""
+
+    maddrs: tuple[str, ...]
+    answered: bool = False
+    in_flight: bool = False
+    failures: int = 0
+    next_try: float = 0.0
+
+
 class DiscoveryAgent:
     """Owns this host's record in the store and the list of fresh peers."""
 
@@ -50,7 +73,7 @@ class DiscoveryAgent:
         backend: DiscoveryBackend,
         *,
         describe: Callable[[], PeerRecord],
-        on_new_peers: Callable[[list[PeerRecord]], Awaitable[None]],
+        on_new_peers: DialPeers,
         heartbeat_s: float,
         ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
@@ -64,12 +87,13 @@ class DiscoveryAgent:
         self._run_id: str | None = None
         self._peers: dict[str, KnownPeer] = {}
         self._warned: set[tuple[str, str]] = set()
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # heartbeat now
+        self._replan = asyncio.Event()  # a dial failed: recompute when to wake
         self._error: str | None = None
         self._failures = 0
         self._last_ok: float | None = None
-        self._telling: asyncio.Task[None] | None = None  # the dial of newcomers in flight
-        self._pending: list[PeerRecord] = []
+        self._dials: dict[str, _Dial] = {}
+        self._dialing: set[asyncio.Task[None]] = set()  # batches of dials in flight
 
     # --- what the daemon asks -------------------------------------------------------------
 
@@ -140,9 +164,9 @@ class DiscoveryAgent:
         try:
             await self._loop()
         finally:
-            if self._telling is not None:
-                self._telling.cancel()
-                await asyncio.gather(self._telling, return_exceptions=True)
+            for task in self._dialing:
+                task.cancel()
+            await asyncio.gather(*self._dialing, return_exceptions=True)
 
     async def _loop(self) -> None:
         while True:
@@ -158,9 +182,25 @@ class DiscoveryAgent:
                 self._error = str(exc)
                 delay = min(self.heartbeat_s, 2.0 ** min(self._failures, 6)) * random.uniform(0.8, 1.2)
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):  # not wait_for: see Supervisor._wait_changed
-                    await self._wake.wait()
+            await self._sleep(self._clock() + delay)
+
+    async def _sleep(self, heartbeat_at: float) -> None:
+        """Until the next heartbeat, an explicit wake, or a failed dial falling due (re-list and retry)."""
+        while True:
+            self._replan.clear()
+            wake_at = min(heartbeat_at, self._clock() + self._until_redial())
+            remaining = wake_at - self._clock()
+            if remaining <= 0:
+                return
+            waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self._replan.wait())]
+            try:
+                # asyncio.wait, not wait_for: see Supervisor._wait_changed
+                await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waits:
+                    waiter.cancel()
+            if self._wake.is_set() or self._clock() >= wake_at:
+                return
 
     async def heartbeat(self) -> None:
         record = self._describe()
@@ -173,20 +213,58 @@ class DiscoveryAgent:
         new = [k.record for pid, k in self._peers.items() if pid not in before]
         if new:
             log.info("discovery.new_peers", peers=[r.peer_id for r in new])
-        self._tell(new)
+        self._dial_due()
 
-    def _tell(self, new: list[PeerRecord]) -> None:
-        """Hand newcomers to the DHT in the background: dialing must never delay our heartbeat."""
-        self._pending.extend(new)
-        if self._pending and (self._telling is None or self._telling.done()):
-            batch, self._pending = self._pending, []
-            self._telling = asyncio.create_task(self._tell_safely(batch), name="discovery-connect")
+    def _dial_due(self) -> None:
+        """Dial (in the background: never delaying the heartbeat) fresh peers that have not answered yet."""
+        now = self._clock()
+        fresh = {pid: known.record for pid, known in self._peers.items()}
+        self._dials = {pid: d for pid, d in self._dials.items() if pid in fresh}
+        for pid, record in fresh.items():
+            dial = self._dials.get(pid)
+            if dial is None or (dial.maddrs != record.maddrs and not dial.in_flight):
+                self._dials[pid] = _Dial(record.maddrs)  # new, or restarted on other addresses
+        due = [fresh[pid] for pid, d in self._dials.items() if not (d.answered or d.in_flight) and d.next_try <= now]
+        random.shuffle(due)
+        for start in range(0, len(due), DIAL_BATCH):
+            batch = due[start:start + DIAL_BATCH]
+            for record in batch:
+                self._dials[record.peer_id].in_flight = True
+            task = asyncio.create_task(self._dial(batch), name="discovery-connect")
+            self._dialing.add(task)
+            task.add_done_callback(self._dialing.discard)
 
-    async def _tell_safely(self, records: list[PeerRecord]) -> None:
+    async def _dial(self, records: list[PeerRecord]) -> None:
+        answered: Collection[str] | None
         try:
-            await self._on_new_peers(records)
-        except Exception as exc:  # a failed dial is logged; discovery goes on
+            answered = await self._on_new_peers(records)
+        except Exception as exc:  # a failed dial is logged and retried later; discovery goes on
             log.warning("discovery.connect_failed", error=repr(exc), peers=[r.peer_id for r in records])
+            answered = ()
+        ok = {r.peer_id for r in records} if answered is None else set(answered)
+        now = self._clock()
+        for record in records:
+            dial = self._dials.get(record.peer_id)
+            if dial is None:
+                continue  # went stale meanwhile
+            dial.in_flight = False
+            if record.peer_id in ok:
+                dial.answered = True
+                continue
+            dial.failures += 1
+            backoff = min(2.0 ** dial.failures, MAX_REDIAL_HEARTBEATS * self.heartbeat_s)
+            dial.next_try = now + max(MIN_WAKE_S, backoff * random.uniform(0.8, 1.2))
+        missed = [r.peer_id for r in records if r.peer_id not in ok]
+        if missed:
+            log.info("discovery.dial_retry_later", peers=missed, answered=len(records) - len(missed))
+            self._replan.set()  # the loop may have to wake before its next heartbeat
+
+    def _until_redial(self) -> float:
+        """Seconds until the next failed dial is due (never below MIN_WAKE_S); inf if none."""
+        pending = [d.next_try for d in self._dials.values() if not (d.answered or d.in_flight) and d.failures]
+        if not pending:
+            return float("inf")
+        return max(MIN_WAKE_S, min(pending) - self._clock())
 
     async def _list(self) -> None:
         own_id = self._describe().peer_id
