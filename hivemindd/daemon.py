@@ -311,10 +311,11 @@ class Daemon:
             state=state, run_id=self.desired.run_id, heartbeat=time.time(),
         )
 
-    async def _connect_peers(self, records: list[PeerRecord]) -> None:
+    async def _connect_peers(self, records: list[PeerRecord]) -> list[str]:
         assert self.dht is not None
         answered = await self.dht.connect([(r.peer_id, r.maddrs) for r in records])
-        log.info("dht.connected_new_peers", asked=len(records), answered=answered)
+        log.info("dht.connected_new_peers", asked=len(records), answered=len(answered))
+        return answered
 
 
 def _published(body: bytes, run_id: str) -> RunSpec:
