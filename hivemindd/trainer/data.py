@@ -38,6 +38,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from hivemindd.trainer.demo_data import ensure_demo_shards
 from hivemindd.trainer.errors import ConfigError
+from hivemindd.trainer.folder_tree import TreeReader, index_path, is_folder_tree, load_or_build_index
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,17 @@ def is_remote(url: str) -> bool:
     return url.startswith(REMOTE_SCHEMES)
 
 
-def resolve_shards(url: str, key: str, cache_dir: str) -> list[str]:
+def resolve_shards(url: str, key: str, cache_dir: str, classes: Sequence[str] | None = None) -> list[str]:
     """Shard paths or URLs for a spec data location; ConfigError naming ``key`` if there are none.
 
     Local shards that do not exist are dropped here; remote ones are all returned
     (listing a bucket of 641 shards costs more than finding a missing one when read).
+    A folder tree (a location ending in ``/``) is listed once into a cached index
+    (see folder_tree.py) and stands for itself: ``[url]``.
     """
+    if is_folder_tree(url):
+        load_or_build_index(url, cache_dir, key, classes)
+        return [url]
     if is_remote(url):
         return expand_braces(url)
     pattern = _local_pattern(url, key, cache_dir)
@@ -272,6 +278,8 @@ def check_shard(path: str, key: str, classes: Sequence[str] | None = None) -> No
 
 def check_location(url: str, shards: Sequence[str], key: str, classes: Sequence[str] | None = None) -> None:
     """ConfigError unless one of the first few shards of ``url`` reads as a labelled shard."""
+    if is_folder_tree(url):
+        return  # resolve_shards listed it and found images
     first: ConfigError | None = None
     for shard in shards[:CHECK_ATTEMPTS]:
         try:
@@ -355,13 +363,22 @@ def samples_from_shards(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str,
     return ShardReader()(sources)
 
 
+def _raw_samples(shards: list[str], key: str, location: str, classes: list[str] | None, tally: ShardTally | None,
+                 cache_dir: str) -> list[Any]:
+    """Pipeline stages yielding raw samples: random shards, or random files of a folder tree."""
+    if is_folder_tree(location):
+        return [TreeReader(location, str(index_path(location, cache_dir)), key, classes, tally)]
+    # Non-deterministic seeding: every peer (and every restart) draws its own shard sequence.
+    return [wds.ResampledShards(shards, deterministic=False),
+            ShardReader(key, location, classes, tally, shard_count=len(set(shards)))]
+
+
 def train_dataset(shards: list[str], image_size: int, *, key: str = "data.train", location: str = "",
-                  classes: list[str] | None = None, tally: ShardTally | None = None) -> wds.DataPipeline:
-    """An endless stream of (image tensor, class index) from randomly drawn shards."""
+                  classes: list[str] | None = None, tally: ShardTally | None = None,
+                  cache_dir: str = "") -> wds.DataPipeline:
+    """An endless stream of (image tensor, class index) from randomly drawn shards (or tree files)."""
     return wds.DataPipeline(
-        # Non-deterministic seeding: every peer (and every restart) draws its own shard sequence.
-        wds.ResampledShards(shards, deterministic=False),
-        ShardReader(key, location, classes, tally, shard_count=len(set(shards))),
+        *_raw_samples(shards, key, location, classes, tally, cache_dir),
         wds.shuffle(SHUFFLE_BUFFER),
         wds.decode("pil", handler=wds.warn_and_continue),
         wds.to_tuple(";".join(IMAGE_KEYS), "cls", handler=wds.warn_and_continue),
@@ -370,15 +387,17 @@ def train_dataset(shards: list[str], image_size: int, *, key: str = "data.train"
 
 
 def train_batches(shards: list[str], image_size: int, batch_size: int, workers: int, *, key: str = "data.train",
-                  location: str = "", classes: list[str] | None = None, tally: ShardTally | None = None) -> Iterator[Batch]:
+                  location: str = "", classes: list[str] | None = None, tally: ShardTally | None = None,
+                  cache_dir: str = "") -> Iterator[Batch]:
     """Endless batches; call before starting hivemind so loader workers fork from a quiet process.
 
     ``location`` (the spec's URL, for messages), ``classes`` (names of string labels) and
-    ``tally`` (failed shards) go to the ShardReader. Raises ConfigError (from ``next``)
+    ``tally`` (failed shards) go to the ShardReader; ``cache_dir`` holds folder-tree indexes. Raises ConfigError (from ``next``)
     once the data location turns out unreadable.
     """
     loader = DataLoader(
-        train_dataset(shards, image_size, key=key, location=location, classes=classes, tally=tally),
+        train_dataset(shards, image_size, key=key, location=location, classes=classes, tally=tally,
+                      cache_dir=cache_dir),
         batch_size=batch_size,
         num_workers=workers,
         persistent_workers=workers > 0,

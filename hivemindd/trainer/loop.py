@@ -104,7 +104,7 @@ def run(launch: TrainerLaunch, events: EventWriter, stop: threading.Event) -> No
     Path(launch.work_dir).mkdir(parents=True, exist_ok=True)
     device = select_device(launch.host.device)
     classes = load_classes(spec.data.classes) if spec.data.classes else None
-    shards = resolve_shards(spec.data.train, "data.train", launch.cache_dir)
+    shards = resolve_shards(spec.data.train, "data.train", launch.cache_dir, classes)
     check_location(spec.data.train, shards, "data.train", classes)
     model = build_model(spec.model.arch, spec.model.num_classes, spec.data.image_size)
     loaded = load_latest(launch.checkpoint_dir)
@@ -117,7 +117,8 @@ def run(launch: TrainerLaunch, events: EventWriter, stop: threading.Event) -> No
     # Loader workers fork now, before hivemind starts its threads and processes.
     tally = ShardTally()
     batches = train_batches(shards, spec.data.image_size, launch.host.batch_size, launch.host.workers,
-                            key="data.train", location=spec.data.train, classes=classes, tally=tally)
+                            key="data.train", location=spec.data.train, classes=classes, tally=tally,
+                            cache_dir=launch.cache_dir)
 
     dht = swarm.start_dht(launch)
     opt: hivemind.Optimizer | None = None
