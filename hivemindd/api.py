@@ -3,19 +3,47 @@
 Handlers only parse and validate; the daemon does the work. Any bad request
 gets a 4xx JSON body that names the problem; nothing a client sends can reach
 a 5xx except a bug, and even then the daemon stays up.
+
+Every request passes a guard first: on the unix socket it asks the kernel who
+the caller is (auth.py), on the optional loopback TCP listener it checks the
+bearer token. Read-only callers may use the routes marked ``read_only``.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import structlog
 from aiohttp import web
 
-from hivemindd.protocol import MAX_BODY_BYTES, ROUTES, JoinRequest, RequestError, parse_empty, parse_log_query
+from hivemindd.auth import Access, Authorizer, PeerCredentials, identity_check_available, peer_credentials
+from hivemindd.protocol import (
+    MAX_BODY_BYTES,
+    ROUTES,
+    JoinRequest,
+    PauseRequest,
+    RequestError,
+    parse_empty,
+    parse_log_query,
+    parse_no_query,
+)
+
+log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Decides what a request may do, or raises RequestError (401) when it is not even authenticated.
+Guard = Callable[[web.Request], "Grant"]
+
+
+class Grant:
+    """The outcome of a guard: the access level and, for a refusal, what to tell the caller."""
+
+    def __init__(self, access: Access, refusal: str = "") -> None:
+        self.access = access
+        self.refusal = refusal
 
 
 class Controller(Protocol):
@@ -25,9 +53,46 @@ class Controller(Protocol):
     def peers(self) -> list[dict[str, Any]]: ...
     async def join(self, request: JoinRequest) -> dict[str, Any]: ...
     async def leave(self) -> dict[str, Any]: ...
-    async def pause(self) -> dict[str, Any]: ...
+    async def pause(self, request: PauseRequest) -> dict[str, Any]: ...
     async def resume(self) -> dict[str, Any]: ...
     def logs(self, n: int, after: int | None) -> dict[str, Any]: ...
+
+
+def peer_guard(authorizer: Authorizer) -> Guard:
+    """Unix socket: the caller's uid and groups from the kernel decide; unknown platforms rely on 0660."""
+    checked = identity_check_available()
+
+    def guard(request: web.Request) -> Grant:
+        if not checked:
+            return Grant(Access.FULL)  # the socket is 0660: whoever got in passed the file permissions
+        sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+        creds: PeerCredentials | None = None
+        try:
+            if sock is None:
+                raise OSError("no socket")
+            creds = peer_credentials(sock)
+            access = authorizer.access(creds)
+        except OSError as exc:  # never guess an identity: fall back to the least
+            log.warning("api.peer_credentials_failed", error=str(exc))
+            access = Access.READ
+        return Grant(access, "" if access is Access.FULL else authorizer.refusal(creds))
+
+    return guard
+
+
+def token_guard(token: str, token_file: str) -> Guard:
+    """Loopback TCP: a bearer token (compared in constant time) gives full control; nothing else gets in."""
+    expected = f"Bearer {token}".encode()
+
+    def guard(request: web.Request) -> Grant:
+        given = request.headers.get("Authorization", "").encode(errors="replace")
+        if not hmac.compare_digest(given, expected):
+            what = "a wrong" if given else "no"
+            raise RequestError(f"{what} bearer token: send `Authorization: Bearer <token>` with the token in "
+                               f"{token_file}", status=401, code="unauthorized")
+        return Grant(Access.FULL)
+
+    return guard
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -37,6 +102,8 @@ def _json(body: Any, status: int = 200) -> web.Response:
 async def _read_body(request: web.Request) -> Any:
     if not request.can_read_body:
         return None
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise RequestError(f"request body over {MAX_BODY_BYTES} bytes", status=413, code="too_large")
     raw = await request.content.read(MAX_BODY_BYTES + 1)
     if len(raw) > MAX_BODY_BYTES:
         raise RequestError(f"request body over {MAX_BODY_BYTES} bytes", status=413, code="too_large")
@@ -44,37 +111,58 @@ async def _read_body(request: web.Request) -> Any:
         return None
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(f"request body is not valid JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise RequestError(f"request body is not valid JSON: {str(exc)[:200]}") from None
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except RequestError as exc:
-        return _json(exc.to_body(), status=exc.status)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        reason = "no such endpoint" if exc.status == 404 else exc.reason
-        routes = ", ".join(f"{r.method} {r.path}" for r in ROUTES.values())
-        return _json({"error": {"code": "http_" + str(exc.status), "message": f"{reason} (routes: {routes})"}},
-                     status=exc.status)
+def _error_middleware(guard: Guard) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            grant = guard(request)
+            route = request.match_info.route.name
+            if route in ROUTES and not ROUTES[route].read_only and grant.access is not Access.FULL:
+                raise RequestError(grant.refusal, status=403, code="forbidden")
+            return await handler(request)
+        except RequestError as exc:
+            response = _json(exc.to_body(), status=exc.status)
+            if exc.status == 401:
+                response.headers["WWW-Authenticate"] = "Bearer"
+            return response
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            reason = "no such endpoint" if exc.status == 404 else exc.reason
+            routes = ", ".join(f"{r.method} {r.path}" for r in ROUTES.values())
+            return _json({"error": {"code": "http_" + str(exc.status), "message": f"{reason} (routes: {routes})"}},
+                         status=exc.status)
+        except Exception:  # a bug: say so as JSON and keep serving
+            log.exception("api.handler_failed", method=request.method, path=request.path)
+            return _json({"error": {"code": "internal", "message": "internal error; see the daemon's log"}},
+                         status=500)
+    return middleware
 
 
-def build_app(daemon: Controller) -> web.Application:
-    async def status(_: web.Request) -> web.Response:
+def build_app(daemon: Controller, guard: Guard) -> web.Application:
+    async def status(request: web.Request) -> web.Response:
+        parse_no_query(dict(request.query))
         return _json(daemon.status())
 
-    async def peers(_: web.Request) -> web.Response:
+    async def peers(request: web.Request) -> web.Response:
+        parse_no_query(dict(request.query))
         return _json(daemon.peers())
 
     async def join(request: web.Request) -> web.Response:
+        parse_no_query(dict(request.query))
         return _json(await daemon.join(JoinRequest.parse(await _read_body(request))))
+
+    async def pause(request: web.Request) -> web.Response:
+        parse_no_query(dict(request.query))
+        return _json(await daemon.pause(PauseRequest.parse(await _read_body(request))))
 
     def simple(action: Callable[[], Awaitable[dict[str, Any]]]) -> Handler:
         async def handler(request: web.Request) -> web.Response:
+            parse_no_query(dict(request.query))
             parse_empty(await _read_body(request))
             return _json(await action())
         return handler
@@ -83,11 +171,11 @@ def build_app(daemon: Controller) -> web.Application:
         n, after = parse_log_query(dict(request.query))
         return _json(daemon.logs(n, after))
 
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[_error_middleware(guard)], client_max_size=MAX_BODY_BYTES)
     handlers: dict[str, Handler] = {
-        "status": status, "peers": peers, "join": join, "logs": logs,
-        "leave": simple(daemon.leave), "pause": simple(daemon.pause), "resume": simple(daemon.resume),
+        "status": status, "peers": peers, "join": join, "logs": logs, "pause": pause,
+        "leave": simple(daemon.leave), "resume": simple(daemon.resume),
     }
     for name, route in ROUTES.items():
-        app.router.add_route(route.method, route.path, handlers[name])
+        app.router.add_route(route.method, route.path, handlers[name], name=name)
     return app

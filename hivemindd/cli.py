@@ -11,15 +11,23 @@ import os
 import socket
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
 from hivemindd.dataset_pack import dataset
-from hivemindd.protocol import EX_FAILURE, EX_UNAVAILABLE, ROUTES, JoinRequest
-
-EX_NOPERM = 77
+from hivemindd.protocol import (
+    EX_FAILURE,
+    EX_NOPERM,
+    EX_UNAVAILABLE,
+    ROUTES,
+    JoinRequest,
+    RequestError,
+    format_duration,
+    parse_duration,
+)
 
 
 def default_socket() -> Path:
@@ -99,11 +107,11 @@ class Client:
         return decoded
 
     def act(self, name: str, body: dict[str, Any] | None = None) -> Any:
-        """Call and turn an API error into a one-line message and exit 1."""
+        """Call and turn an API error into a one-line message and exit 1 (77 when not allowed)."""
         try:
             return self.call(name, body)
         except ApiError as exc:
-            fail(str(exc), EX_FAILURE)
+            fail(str(exc), EX_NOPERM if exc.status in (401, 403) else EX_FAILURE)
 
     def show(self, value: Any, human: str) -> None:
         click.echo(json.dumps(value, indent=2) if self.json_output else human)
@@ -132,7 +140,8 @@ def main(ctx: click.Context, socket_path: Path | None) -> None:
       hmctl pause | resume | leave                         stop training for a while / for good
       hmctl logs -f                                        follow the trainer's log
 
-    Exit codes: 0 ok, 1 the daemon refused the request, 69 the daemon is unreachable.
+    Exit codes: 0 ok, 1 the daemon refused the request, 69 the daemon is unreachable,
+    77 this user may not do that (join the operator group).
     """
     ctx.obj = Client(socket_path or default_socket())
 
@@ -162,6 +171,8 @@ def render_status(st: dict[str, Any]) -> str:
         host = st.get("host") or {}
         lines.append(f"run       {st['run_id']}{'  [paused]' if st['paused'] else ''}  "
                      f"(device {host.get('device')}, batch {host.get('batch_size')}, workers {host.get('workers')})")
+        if st["paused"]:
+            lines.append(f"pause     {describe_pause(st.get('pause'))}")
         since = f"for {_duration(t['since_s'])}"
         extra = f"  retry in {_duration(t['retry_in_s'])}" if t.get("retry_in_s") is not None else ""
         pid = f"  pid {t['pid']}" if t.get("pid") else ""
@@ -179,7 +190,25 @@ def render_status(st: dict[str, Any]) -> str:
             lines.append(f"  | {line}")
     state = d["state"] + (f": {d['error']}" if d.get("error") else "")
     lines.append(f"peers     {st['peers']} fresh  (discovery {d['url']}: {state})")
+    if st.get("http"):
+        lines.append(f"http      {st['http']['url']}  (bearer token in {st['http']['token_file']})")
     return "\n".join(lines)
+
+
+def describe_pause(pause: dict[str, Any] | None, now: datetime | None = None) -> str:
+    """"paused until 14:05 (in 29m)", "paused indefinitely", "pausing after the next checkpoint" …"""
+    pause = pause or {}
+    until = ""
+    if pause.get("until"):
+        moment = datetime.fromisoformat(pause["until"]).astimezone()  # shown in this machine's time zone
+        now = now or datetime.now().astimezone()
+        clock = moment.strftime("%H:%M") if moment.date() == now.date() else moment.strftime("%Y-%m-%d %H:%M")
+        left = pause.get("remaining_s")
+        left = (moment - now).total_seconds() if left is None else left
+        until = f"until {clock} (in {format_duration(left)})"
+    if pause.get("after_checkpoint"):
+        return "pausing after the next checkpoint" + (f", then paused {until}" if until else "")
+    return f"paused {until}" if until else "paused indefinitely (hmctl resume)"
 
 
 def _duration(seconds: float) -> str:
@@ -242,7 +271,27 @@ def _simple(name: str, doc: str, done: str) -> None:
 
 
 _simple("leave", "Leave the run: the trainer checkpoints and stops; this host stays online.", "left run {left}")
-_simple("pause", "Stop training but stay in the run (kept across restarts).", "paused run {run_id}")
+@main.command()
+@click.option("--for", "duration", metavar="DURATION",
+              help="Resume by itself after this long: 90s, 30m, 2h, 1h30m, 1d. [until hmctl resume]")
+@click.option("--after-checkpoint", is_flag=True, help="Let the trainer reach its next checkpoint first.")
+@json_option
+@click.pass_context
+def pause(ctx: click.Context, duration: str | None, after_checkpoint: bool, json_output: bool) -> None:
+    """Stop training but stay in the run; kept across daemon restarts and reboots."""
+    _with_json(ctx, json_output)
+    client: Client = ctx.obj
+    body: dict[str, Any] = {"after_checkpoint": after_checkpoint}
+    if duration is not None:
+        try:
+            parse_duration(duration, "--for")  # refuse a typo here, before anything changes
+        except RequestError as exc:
+            raise click.BadParameter(exc.message.removeprefix("--for").lstrip(": "), param_hint="'--for'") from None
+        body["for"] = duration
+    result = client.act("pause", body)
+    client.show(result, f"run {result['run_id']}: {describe_pause(result.get('pause'))}")
+
+
 _simple("resume", "Resume training from the latest checkpoint.", "resumed run {run_id}")
 
 

@@ -7,12 +7,15 @@ variable there); ``build_config`` lays them over the file and the defaults.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hivemindd.auth import DEFAULT_OPERATOR_GROUP
 from hivemindd.launch import HostSettings
 
 SOCKET_PATH_LIMIT = 107  # sun_path is 108 bytes with the terminating NUL
@@ -37,6 +40,13 @@ class DaemonConfig:
     ttl_s: float = 90.0
     stop_timeout_s: float = 150.0  # a stop may wait out a step in flight and a goodbye: 2 x averaging_timeout (60 s) + margin
     host_defaults: HostSettings = field(default_factory=HostSettings)
+    operator_group: str = DEFAULT_OPERATOR_GROUP  # members get full control over the socket
+    http: tuple[str, int] | None = None  # optional TCP listener (host, port) for the dashboard; loopback only
+    http_allow_remote: bool = False  # let ``http`` bind a non-loopback address (the token is then all that guards it)
+
+    @property
+    def http_is_loopback(self) -> bool:
+        return self.http is None or is_loopback(self.http[0])
 
 
 def default_state_dir() -> Path:
@@ -57,7 +67,36 @@ _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "ttl": (int, float),
     "stop_timeout": (int, float),
     "host": dict,
+    "operator_group": str,
+    "http": str,
+    "http_allow_remote": bool,
 }
+
+_GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_http_address(text: str) -> tuple[str, int]:
+    """``127.0.0.1:8080`` or ``[::1]:8080`` (port 0: any free port) as (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"http must be HOST:PORT like 127.0.0.1:8080, got {text!r}")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"http: {host!r} is not an IP address (use 127.0.0.1 or [::1])") from None
+    return host, int(port)
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -74,7 +113,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{path}: unknown key {key!r}{hint}")
         expected = _FILE_KEYS[key]
-        if not isinstance(value, expected) or isinstance(value, bool):
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
             raise ConfigError(f"{path}: {key} has the wrong type ({type(value).__name__})")
         if isinstance(value, list) and not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{path}: {key} must be a list of strings")
@@ -115,6 +154,11 @@ def build_config(cli: dict[str, Any]) -> DaemonConfig:
         key, message = host_defaults.problems()[0]
         raise ConfigError(f"{cli.get('config')}: host.{key} {message}")
     maddrs = tuple(pick("host_maddr", "host_maddrs") or ("/ip4/127.0.0.1/tcp/0",))
+    operator_group = pick("operator_group") or DEFAULT_OPERATOR_GROUP
+    if not _GROUP_NAME.fullmatch(operator_group):
+        raise ConfigError(f"operator_group {operator_group!r} is not a group name")
+    http = pick("http")
+    allow_remote = cli.get("http_allow_remote") or file_values.get("http_allow_remote", False)  # a flag: False = not given
     return DaemonConfig(
         state_dir=state_dir,
         socket=socket,
@@ -127,4 +171,7 @@ def build_config(cli: dict[str, Any]) -> DaemonConfig:
         ttl_s=ttl,
         stop_timeout_s=stop_timeout,
         host_defaults=host_defaults,
+        operator_group=operator_group,
+        http=parse_http_address(http) if http else None,
+        http_allow_remote=bool(allow_remote),
     )

@@ -27,7 +27,8 @@ import structlog
 from aiohttp import web
 
 from hivemindd import __version__
-from hivemindd.api import build_app
+from hivemindd.api import build_app, peer_guard, token_guard
+from hivemindd.auth import Authorizer, identity_check_available
 from hivemindd.config import ConfigError, DaemonConfig, build_config
 from hivemindd.dht import HostDHT
 from hivemindd.discovery import DiscoveryError, PeerRecord, open_backend
@@ -35,10 +36,18 @@ from hivemindd.discovery.agent import DiscoveryAgent
 from hivemindd.launch import HostSettings, TrainerLaunch
 from hivemindd.logfile import TrainerLog
 from hivemindd.process import PidFile, ProcessSpawner
-from hivemindd.protocol import JoinRequest, RequestError
+from hivemindd.protocol import JoinRequest, PauseRequest, RequestError
 from hivemindd.spec import RunSpec, SpecError, parse_json, parse_toml
-from hivemindd.state import DesiredState, StateError, StatePaths, load_state, save_state, write_atomic
-from hivemindd.supervisor import Supervisor
+from hivemindd.state import (
+    DesiredState,
+    StateError,
+    StatePaths,
+    load_or_create_token,
+    load_state,
+    save_state,
+    write_atomic,
+)
+from hivemindd.supervisor import PauseChange, Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +69,8 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._lock_fd: int | None = None
         self._runner: web.AppRunner | None = None
+        self._http_runner: web.AppRunner | None = None
+        self.http_url: str | None = None
         self.desired = DesiredState()
         self.dht: HostDHT | None = None
         self.agent: DiscoveryAgent | None = None
@@ -69,6 +80,9 @@ class Daemon:
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if not self.cfg.http_is_loopback and not self.cfg.http_allow_remote:
+            raise StartupError(f"--http {self.cfg.http[0]} is not a loopback address: others could reach the API; "  # type: ignore[index]
+                               "use 127.0.0.1:PORT, or pass --http-allow-remote if that is what you want")
         self.paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_state_dir()
         try:
@@ -98,12 +112,14 @@ class Daemon:
         self.trainer_log = TrainerLog(self.paths.trainer_log)
         self.supervisor = Supervisor(
             ProcessSpawner(PidFile(self.paths.pid_file)), self.trainer_log, stop_timeout_s=self.cfg.stop_timeout_s,
+            on_pause_change=self._pause_changed,
         )
         self._tasks = [
             asyncio.create_task(self.agent.run(), name="discovery"),
             asyncio.create_task(self.supervisor.run(), name="supervisor"),
         ]
         await self._serve_api()
+        await self._serve_http()
         self._reconcile(user_action=False)
         log.info("daemon.started", peer_id=self.dht.peer_id, socket=str(self.cfg.socket), run_id=self.desired.run_id,
                  paused=self.desired.paused, discovery=self.cfg.discovery, version=__version__)
@@ -116,6 +132,8 @@ class Daemon:
 
     async def stop(self) -> None:
         log.info("daemon.stopping")
+        if self._http_runner is not None:
+            await self._http_runner.cleanup()
         if self._runner is not None:
             await self._runner.cleanup()
             self.cfg.socket.unlink(missing_ok=True)
@@ -160,13 +178,33 @@ class Daemon:
                 path.unlink(missing_ok=True)  # left by a daemon that died
             finally:
                 probe.close()
-        self._runner = web.AppRunner(build_app(self), access_log=None)
+        self._runner = web.AppRunner(build_app(self, peer_guard(Authorizer(self.cfg.operator_group))), access_log=None)
         await self._runner.setup()
-        old_umask = os.umask(0o117)  # the socket is born 0660: no window where others may connect
+        # With the caller's identity checked per request, anyone may connect (and read status);
+        # without it, file permissions are the only guard. Born with its mode: no window either way.
+        old_umask = os.umask(0o111 if identity_check_available() else 0o117)
         try:
             await web.UnixSite(self._runner, str(path)).start()
         finally:
             os.umask(old_umask)
+
+    async def _serve_http(self) -> None:
+        """The optional TCP listener (dashboard, metrics): same API, bearer token from the state dir."""
+        if self.cfg.http is None:
+            return
+        host, port = self.cfg.http
+        token = load_or_create_token(self.paths.http_token)
+        app = build_app(self, token_guard(token, str(self.paths.http_token)))
+        self._http_runner = web.AppRunner(app, access_log=None)
+        await self._http_runner.setup()
+        site = web.TCPSite(self._http_runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"--http {host}:{port}: cannot listen: {exc.strerror or exc}") from None
+        bound_port = self._http_runner.addresses[0][1]  # the real one when asked for port 0
+        self.http_url = f"http://{'[' + host + ']' if ':' in host else host}:{bound_port}"
+        log.info("api.http_listening", url=self.http_url, token_file=str(self.paths.http_token))
 
     # --- reconciling desired state ---------------------------------------------------------
 
@@ -177,7 +215,8 @@ class Daemon:
             self.supervisor.want(None, None, False, user_action)
             return
         key = f"{d.run_id}:{json.dumps(d.host.to_dict(), sort_keys=True)}"
-        self.supervisor.want(key, partial(self._launch, d.run_id, d.host), d.paused, user_action)
+        self.supervisor.want(key, partial(self._launch, d.run_id, d.host), d.paused, user_action,
+                             until=d.pause_until, after_checkpoint=d.pause_after_checkpoint)
 
     def _launch(self, run_id: str, host: HostSettings) -> TrainerLaunch:
         """Built at every (re)start, so a restarted trainer bootstraps from the peers known now."""
@@ -217,11 +256,13 @@ class Daemon:
             "dht": {"alive": self.dht.alive},
             "run_id": self.desired.run_id,
             "paused": self.desired.paused,
+            "pause": self.desired.pause_status(time.time()),
             "host": self.desired.host.to_dict() if self.desired.run_id else None,
             "trainer": trainer,
             "discovery": self.agent.status(),
             "peers": len(self.agent.peers()),
             "state_dir": str(self.paths.root),
+            "http": None if self.http_url is None else {"url": self.http_url, "token_file": str(self.paths.http_token)},
         }
 
     def peers(self) -> list[dict[str, Any]]:
@@ -281,18 +322,34 @@ class Daemon:
         log.info("run.left", run_id=run_id)
         return {"run_id": None, "left": run_id}
 
-    async def pause(self) -> dict[str, Any]:
-        return await self._pause(True)
+    async def pause(self, request: PauseRequest) -> dict[str, Any]:
+        until = None if request.duration_s is None else time.time() + request.duration_s
+        # Already stopped by a pause: nothing to wait for, whatever the new request says.
+        after = request.after_checkpoint and not (self.desired.paused and not self.desired.pause_after_checkpoint)
+        return await self._pause(True, until, after)
 
     async def resume(self) -> dict[str, Any]:
         return await self._pause(False)
 
-    async def _pause(self, paused: bool) -> dict[str, Any]:
+    async def _pause(self, paused: bool, until: float | None = None, after_checkpoint: bool = False) -> dict[str, Any]:
         if self.desired.run_id is None:
             raise RequestError("this host is not in a run: nothing to pause or resume", status=409, code="conflict")
-        await self._set_desired(self.desired.with_paused(paused))
-        log.info("run.paused" if paused else "run.resumed", run_id=self.desired.run_id)
-        return {"run_id": self.desired.run_id, "paused": paused}
+        await self._set_desired(self.desired.with_paused(paused, until, after_checkpoint))
+        log.info("run.paused" if paused else "run.resumed", run_id=self.desired.run_id, until=until,
+                 after_checkpoint=after_checkpoint)
+        return {"run_id": self.desired.run_id, "paused": paused, "pause": self.desired.pause_status(time.time())}
+
+    def _pause_changed(self, change: PauseChange) -> None:
+        """The supervisor ended a timed pause or let an after-checkpoint pause take effect: persist it."""
+        expired = change is PauseChange.EXPIRED
+        desired = self.desired.with_paused(False) if expired else self.desired.pause_took_effect()
+        self.desired = desired
+        try:
+            save_state(self.paths.state_file, desired)
+        except OSError as exc:  # in memory it holds; a restart would redo the same step
+            log.error("state.save_failed", error=str(exc))
+        log.info("run.pause_" + change.value, run_id=desired.run_id)
+        self._reconcile(user_action=False)
 
     def logs(self, n: int, after: int | None) -> dict[str, Any]:
         assert self.trainer_log is not None
@@ -361,6 +418,9 @@ async def serve(cfg: DaemonConfig) -> None:
 @click.option("--ttl", type=float, help="Seconds after which a silent peer is ignored. [3 heartbeats]")
 @click.option("--stop-timeout", type=float, help="Seconds the trainer gets to checkpoint and leave on stop before SIGKILL. [150]")
 @click.option("--log-format", type=click.Choice(["console", "json"]), help="Daemon log format. [console]")
+@click.option("--operator-group", help="Members of this group may control the daemon; other users only read status. [hivemind]")
+@click.option("--http", help="Also serve the API on this loopback HOST:PORT, with the bearer token in <state-dir>/http.token.")
+@click.option("--http-allow-remote", is_flag=True, default=None, help="Let --http bind a non-loopback address.")
 @click.version_option(__version__, prog_name="hivemindd")
 @click.pass_context
 def main(ctx: click.Context, **flags: Any) -> None:

@@ -24,6 +24,9 @@ EX_USAGE = 64
 EX_DATAERR = 65
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
+EX_NOPERM = 77
+
+MAX_PAUSE_S = 366 * 86400  # a year and a day: longer is a typo, and would overflow nothing but the owner's patience
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -42,15 +45,18 @@ class Route:
     method: str
     path: str
     summary: str
+    read_only: bool = False  # open to every local user; the others need operator rights
 
 
 ROUTES = {
-    "status": Route("GET", f"{PREFIX}/status", "This host: peer id, run, pause flag, trainer, discovery."),
-    "peers": Route("GET", f"{PREFIX}/peers", "Fresh peers found through discovery (of the run, or hosts when not joined)."),
+    "status": Route("GET", f"{PREFIX}/status", "This host: peer id, run, pause, trainer, discovery.", True),
+    "peers": Route("GET", f"{PREFIX}/peers", "Fresh peers found through discovery (of the run, or hosts when not joined).",
+                   True),
     "join": Route("POST", f"{PREFIX}/join", "Join a run: body {run_id, spec_toml?, spec_source?, device?, batch_size?, workers?}."),
     "leave": Route("POST", f"{PREFIX}/leave", "Leave the run: the trainer checkpoints and stops."),
-    "pause": Route("POST", f"{PREFIX}/pause", "Stop training but stay joined; persisted across restarts."),
-    "resume": Route("POST", f"{PREFIX}/resume", "Undo pause: the trainer restarts from its checkpoint."),
+    "pause": Route("POST", f"{PREFIX}/pause", "Stop training but stay joined: body {for?: '1h30m', after_checkpoint?: "
+                   "bool}; persisted across restarts, a timed pause ends by itself."),
+    "resume": Route("POST", f"{PREFIX}/resume", "End any pause: the trainer restarts from its checkpoint."),
     "logs": Route("GET", f"{PREFIX}/logs", "Last lines of the trainer log: query n (1..10000), after (line offset)."),
 }
 
@@ -122,10 +128,75 @@ class JoinRequest:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
+_DURATION_PART = re.compile(r"(\d+)([dhms])")
+_UNIT_S = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(text: object, field: str = "for") -> float:
+    """Seconds in ``text`` like ``90s``, ``30m``, ``2h``, ``1h30m``, ``1d``; RequestError naming ``field``."""
+    hint = "use a number with a unit, largest first, like 90s, 30m, 2h or 1h30m"
+    if not isinstance(text, str):
+        raise RequestError(f"{field} must be a duration string ({hint}), got {text!r}", field=field)
+    parts = []
+    pos = 0
+    while pos < len(text) <= 32:
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            raise RequestError(f"{field}: {text[:40]!r} is not a duration: {hint}", field=field)
+        parts.append(match)
+        pos = match.end()
+    units = [m.group(2) for m in parts]
+    if not parts or pos != len(text) or units != sorted(set(units), key="dhms".index):
+        raise RequestError(f"{field}: {text[:40]!r} is not a duration: {hint}", field=field)
+    seconds = sum(int(m.group(1)) * _UNIT_S[m.group(2)] for m in parts)
+    if not 0 < seconds <= MAX_PAUSE_S:
+        raise RequestError(f"{field} must be more than 0s and at most {MAX_PAUSE_S // 86400}d, got {text!r}",
+                           field=field)
+    return float(seconds)
+
+
+def format_duration(seconds: float) -> str:
+    """The inverse of ``parse_duration`` for display, rounded to the largest two units: ``1h30m``, ``29m``, ``45s``."""
+    total = max(0, round(seconds))
+    out: list[str] = []
+    for unit in "dhms":
+        amount, total = divmod(total, _UNIT_S[unit])
+        if amount and len(out) < 2:
+            out.append(f"{amount}{unit}")
+        elif out:
+            break  # keep the two largest units only when they are adjacent
+    return "".join(out) or "0s"
+
+
+@dataclass(frozen=True)
+class PauseRequest:
+    """Pause now (or after the trainer's next checkpoint), indefinitely or for ``duration_s`` seconds."""
+
+    duration_s: float | None = None
+    after_checkpoint: bool = False
+
+    @classmethod
+    def parse(cls, body: Any) -> PauseRequest:
+        if body is None:
+            return cls()
+        body = _check_fields(body, {"for", "after_checkpoint"})
+        duration = None if body.get("for") is None else parse_duration(body["for"], "for")
+        after = body.get("after_checkpoint", False)
+        if not isinstance(after, bool):
+            raise RequestError(f"after_checkpoint must be true or false, got {after!r}", field="after_checkpoint")
+        return cls(duration_s=duration, after_checkpoint=after)
+
+
 def parse_empty(body: Any) -> None:
     """Bodies of leave/pause/resume: absent or ``{}``."""
     if body is not None:
         _check_fields(body, set())
+
+
+def parse_no_query(query: dict[str, str]) -> None:
+    """Routes other than logs take no query parameters; a stray one is a typo worth reporting."""
+    for key in query:
+        raise RequestError(f"unknown query parameter {key[:64]!r} (this endpoint takes none)", field=key[:64])
 
 
 def parse_log_query(query: dict[str, str]) -> tuple[int, int | None]:

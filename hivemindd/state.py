@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import secrets
 import tempfile
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +77,10 @@ class StatePaths:
     def cache(self) -> Path:
         return self.root / "cache"
 
+    @property
+    def http_token(self) -> Path:
+        return self.root / "http.token"
+
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
 
@@ -81,25 +88,69 @@ class StatePaths:
         return self.run_dir(run_id) / "spec.json"
 
 
+def utc_iso(timestamp: float) -> str:
+    """A wall-clock instant as ISO 8601 UTC (``2025-01-31T14:05:00Z``): what state.json and the API carry."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_utc_iso(text: str) -> float:
+    """The inverse of ``utc_iso``; a time without a zone is refused rather than guessed."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError(f"{text!r} has no time zone (expected like 2025-01-31T14:05:00Z)")
+    return moment.timestamp()
+
+
 @dataclass(frozen=True)
 class DesiredState:
-    """What this host's owner asked for; the reconciler makes it so."""
+    """What this host's owner asked for; the reconciler makes it so.
+
+    A pause may be timed (``pause_until``: an absolute wall-clock time, so it means the
+    same after a reboot, and a deadline that passed while the daemon was down has
+    simply passed) and may wait for the trainer's next checkpoint first
+    (``pause_after_checkpoint``, cleared once the pause took effect).
+    """
 
     run_id: str | None = None
     host: HostSettings = field(default_factory=HostSettings)
     paused: bool = False
+    pause_until: float | None = None
+    pause_after_checkpoint: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "run_id": self.run_id, "host": self.host.to_dict(), "paused": self.paused}
+        return {"version": STATE_VERSION, "run_id": self.run_id, "host": self.host.to_dict(), "paused": self.paused,
+                "pause_until": None if self.pause_until is None else utc_iso(self.pause_until),
+                "pause_after_checkpoint": self.pause_after_checkpoint}
 
     def joined(self, run_id: str, host: HostSettings) -> DesiredState:
-        return replace(self, run_id=run_id, host=host, paused=False)
+        return replace(self, run_id=run_id, host=host, paused=False, pause_until=None, pause_after_checkpoint=False)
 
     def left(self) -> DesiredState:
-        return replace(self, run_id=None, paused=False)
+        return replace(self, run_id=None, paused=False, pause_until=None, pause_after_checkpoint=False)
 
-    def with_paused(self, paused: bool) -> DesiredState:
-        return replace(self, paused=paused)
+    def with_paused(self, paused: bool, until: float | None = None, after_checkpoint: bool = False) -> DesiredState:
+        """Pause (indefinitely, or until the wall-clock time ``until``) or end any pause."""
+        if not paused:
+            return replace(self, paused=False, pause_until=None, pause_after_checkpoint=False)
+        return replace(self, paused=True, pause_until=until, pause_after_checkpoint=after_checkpoint)
+
+    def pause_took_effect(self) -> DesiredState:
+        """The trainer reached its checkpoint (or was not running): the pause is now a plain one."""
+        return replace(self, pause_after_checkpoint=False)
+
+    def pause_expired(self, now: float) -> bool:
+        return self.paused and self.pause_until is not None and now >= self.pause_until
+
+    def pause_status(self, now: float) -> dict[str, Any] | None:
+        """The pause in force for the API (None: not paused): until when, and whether it waits for a checkpoint."""
+        if not self.paused:
+            return None
+        until = self.pause_until
+        return {
+            "until": None if until is None else utc_iso(until),
+            "remaining_s": None if until is None else round(max(0.0, until - now), 1),
+            "after_checkpoint": self.pause_after_checkpoint,
+        }
 
 
 def load_state(path: Path) -> DesiredState:
@@ -122,9 +173,35 @@ def load_state(path: Path) -> DesiredState:
         paused = raw.get("paused", False)
         if not isinstance(paused, bool):
             raise TypeError("paused must be true or false")
-        return DesiredState(run_id=run_id, host=host, paused=paused)
+        until = raw.get("pause_until")
+        if until is not None:
+            if not isinstance(until, str):
+                raise TypeError("pause_until must be an ISO 8601 UTC time or null")
+            until = parse_utc_iso(until)
+            if not math.isfinite(until):
+                raise ValueError("pause_until is not a finite time")
+        after = raw.get("pause_after_checkpoint", False)
+        if not isinstance(after, bool):
+            raise TypeError("pause_after_checkpoint must be true or false")
+        if not paused:
+            until, after = None, False  # leftovers of an ended pause mean nothing
+        return DesiredState(run_id=run_id, host=host, paused=paused, pause_until=until, pause_after_checkpoint=after)
     except (TypeError, ValueError) as exc:
         raise StateError(f"{path}: bad desired state: {exc}; fix or move the file away and restart") from None
+
+
+def load_or_create_token(path: Path) -> str:
+    """The bearer token of the TCP listener: made once (0600), then the same across restarts."""
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        token = ""
+    if len(token) < 32:  # missing, emptied or hand-edited into something guessable: make a new one
+        token = secrets.token_urlsafe(32)
+        write_atomic(path, (token + "\n").encode(), mode=0o600)
+    elif path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)  # a token others can read is no secret
+    return token
 
 
 def save_state(path: Path, state: DesiredState) -> None:

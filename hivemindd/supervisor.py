@@ -14,7 +14,7 @@ import enum
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -26,6 +26,8 @@ from hivemindd.process import Spawner, TrainerHandle
 log = structlog.get_logger(__name__)
 
 EXIT_CONFIG_ERROR = 2  # the trainer's "restarting will not fix this" exit code
+# A timed pause is checked at least this often: monotonic sleeps stop while a laptop is suspended, the wall clock not.
+PAUSE_RECHECK_S = 30.0
 # Progress fields the trainer reports that status shows as they are.
 _REPORTED = ("step", "epoch", "loss", "samples_per_s", "lr", "samples", "shards_failed")
 
@@ -96,11 +98,24 @@ class RestartTracker:
 
 @dataclass(frozen=True)
 class Desired:
-    """What the daemon wants: a trainer for ``key`` (None: none), or paused."""
+    """What the daemon wants: a trainer for ``key`` (None: none), or paused.
+
+    A pause may end by itself at ``until`` (wall-clock seconds) and, with
+    ``after_checkpoint``, lets a running trainer go on until its next checkpoint.
+    """
 
     key: str | None
     factory: Callable[[], TrainerLaunch] | None
     paused: bool
+    until: float | None = None
+    after_checkpoint: bool = False
+
+
+class PauseChange(enum.Enum):
+    """What the supervisor tells the daemon about a pause, so desired state can follow."""
+
+    TOOK_EFFECT = "took_effect"  # an after-checkpoint pause stopped the trainer (or found none running)
+    EXPIRED = "expired"  # a timed pause reached its deadline: training resumes
 
 
 class Supervisor:
@@ -114,14 +129,18 @@ class Supervisor:
         policy: RestartPolicy = RestartPolicy(),
         stop_timeout_s: float = 150.0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        on_pause_change: Callable[[PauseChange], None] | None = None,
     ) -> None:
         self._spawner = spawner
         self._log = trainer_log
         self._tracker = RestartTracker(policy)
         self._stop_timeout_s = stop_timeout_s
         self._clock = clock
+        self._wall_clock = wall_clock
         self._rand = rand
+        self._on_pause_change = on_pause_change
         self._desired = Desired(None, None, False)
         self._changed = asyncio.Event()
         self.state = S.STOPPED
@@ -139,11 +158,14 @@ class Supervisor:
     # --- what the daemon says --------------------------------------------------------------
 
     def want(self, key: str | None, factory: Callable[[], TrainerLaunch] | None, paused: bool,
-             user_action: bool = False) -> None:
-        """Ask for a trainer for ``key`` (or none); ``user_action`` retries a crashloop now."""
+             user_action: bool = False, *, until: float | None = None, after_checkpoint: bool = False) -> None:
+        """Ask for a trainer for ``key`` (or none); ``user_action`` retries a crashloop now.
+
+        ``until`` and ``after_checkpoint`` qualify a pause: see ``Desired``.
+        """
         if key != self._desired.key:
             self.info = {}
-        self._desired = Desired(key, factory, paused)
+        self._desired = Desired(key, factory, paused, until if paused else None, paused and after_checkpoint)
         if user_action:
             self._tracker.reset()
             self._retry_at = None
@@ -189,19 +211,24 @@ class Supervisor:
         """Reconcile forever; cancelled by ``shutdown`` once the trainer is down."""
         while True:
             self._changed.clear()
+            self._expire_pause()
             desired = self._desired
             if self._handle is not None:
-                if desired.key != self._handle_key or desired.paused:
+                if desired.key != self._handle_key or (desired.paused and not desired.after_checkpoint):
                     await self._stop_trainer("paused" if desired.paused else "left the run or settings changed")
                     continue
-                await self._watch_trainer()
+                await self._watch_trainer(self._pause_wait_s())
                 continue
             if desired.key is None or desired.factory is None:
                 self._retry_at = None
                 self.transition(S.STOPPED, "no run joined")
             elif desired.paused:
                 self._retry_at = None
+                if desired.after_checkpoint:  # no trainer to wait for: the pause holds from now
+                    self._pause_took_effect()
                 self.transition(S.PAUSED, "paused by the owner")
+                await self._wait_changed(self._pause_wait_s())
+                continue
             elif self._retry_at is not None and self._clock() < self._retry_at:
                 await self._wait_changed(self._retry_at - self._clock())
                 continue
@@ -219,7 +246,8 @@ class Supervisor:
     async def _start_trainer(self, key: str, factory: Callable[[], TrainerLaunch]) -> None:
         was_failure = self.state in (S.BACKOFF, S.CRASHLOOP)
         self._retry_at = None
-        self.transition(S.STARTING, "restart after failure" if was_failure else "run joined")
+        reason = "restart after failure" if was_failure else "resumed" if self.state is S.PAUSED else "run joined"
+        self.transition(S.STARTING, reason)
         self._started_at = self._clock()  # a failed spawn must count as a fast failure too
         try:
             launch = factory()
@@ -238,12 +266,42 @@ class Supervisor:
         self._stop_requested = False
         log.info("trainer.spawned", pid=handle.pid, run=key)
 
-    async def _watch_trainer(self) -> None:
+    def _pause_wait_s(self) -> float | None:
+        """How long the loop may sleep before a timed pause must be looked at again (None: no deadline)."""
+        if not self._desired.paused or self._desired.until is None:
+            return None
+        return min(PAUSE_RECHECK_S, max(0.0, self._desired.until - self._wall_clock()))
+
+    def _expire_pause(self) -> None:
+        """End a timed pause whose deadline passed (also one that passed while the daemon was down)."""
+        desired = self._desired
+        if desired.paused and desired.until is not None and self._wall_clock() >= desired.until:
+            self._desired = replace(desired, paused=False, until=None, after_checkpoint=False)
+            self._tracker.reset()  # the owner's pause, not a failure, kept the trainer down
+            self._retry_at = None
+            log.info("trainer.pause_expired")
+            self._log.note("pause over: resuming training")
+            self._notify(PauseChange.EXPIRED)
+
+    def _pause_took_effect(self) -> None:
+        self._desired = replace(self._desired, after_checkpoint=False)
+        self._changed.set()
+        self._notify(PauseChange.TOOK_EFFECT)
+
+    def _notify(self, change: PauseChange) -> None:
+        if self._on_pause_change is None:
+            return
+        try:
+            self._on_pause_change(change)
+        except Exception:  # the daemon's bookkeeping must not stop the supervisor's loop
+            log.exception("trainer.pause_callback_failed", change=change.value)
+
+    async def _watch_trainer(self, timeout: float | None = None) -> None:
         assert self._handle is not None
         exit_task = asyncio.ensure_future(self._handle.wait())
         change_task = asyncio.ensure_future(self._changed.wait())
         try:
-            await asyncio.wait({exit_task, change_task}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({exit_task, change_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             change_task.cancel()
             if not exit_task.done():
@@ -285,10 +343,10 @@ class Supervisor:
         else:
             self.transition(S.BACKOFF, f"exit code {code}; restarting in {delay:.1f} s")
 
-    async def _wait_changed(self, timeout: float) -> None:
+    async def _wait_changed(self, timeout: float | None) -> None:
         with contextlib.suppress(TimeoutError):
             # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that races the event.
-            async with asyncio.timeout(max(0.0, timeout)):
+            async with asyncio.timeout(None if timeout is None else max(0.0, timeout)):
                 await self._changed.wait()
 
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -308,5 +366,9 @@ class Supervisor:
             step = event.get("checkpoint_step", event.get("step"))
             if step is not None:
                 self.info["checkpoint_step"] = step
+            if kind == "checkpoint" and self._desired.paused and self._desired.after_checkpoint:
+                log.info("trainer.pausing_after_checkpoint", step=step)
+                self._log.note(f"checkpoint at step {step}: pausing as asked")
+                self._pause_took_effect()  # wakes the loop, which stops the trainer
         elif kind == "error":
             self.last_error = str(event.get("message", ""))[:2000]
