@@ -103,6 +103,27 @@ def test_missing_and_corrupt_shards_are_skipped_and_counted(upload: Upload, tmp_
     check_location("gs://x", [urls[3], urls[1], urls[0]], "data.train")
 
 
+def test_a_missing_shard_is_skipped_then_read_once_it_appears(upload: Upload, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 404 rests the shard for a while (data.MISSING_RETRY_S), not forever: uploads and replacements heal."""
+    make_shard(tmp_path / "good.tar", [1, 2])
+    good = (tmp_path / "good.tar").read_bytes()
+    upload("late/s-0.tar", good)
+    urls = [f"gs://{BUCKET}/late/s-{i}.tar" for i in (0, 1)]
+    reader = ShardReader("data.train", "gs://late", tally=ShardTally(), shard_count=2)
+    monkeypatch.setattr(data, "MISSING_RETRY_S", 3600.0)
+    rested = [s["__url__"] for s in reader([{"url": urls[1]}, {"url": urls[0]}, {"url": urls[1]}])]
+    assert rested == [urls[0], urls[0]] and reader.tally is not None and reader.tally.failed == 1  # not re-tried
+
+    def sources() -> Iterator[dict[str, str]]:
+        yield {"url": urls[1]}  # 404: rested
+        upload("late/s-1.tar", good)  # the uploader catches up
+        yield {"url": urls[1]}  # rest over (0 s here): read
+
+    monkeypatch.setattr(data, "MISSING_RETRY_S", 0.0)
+    assert [s["__url__"] for s in reader(sources())] == [urls[1], urls[1]]
+
+
 def test_nothing_readable_is_a_config_error_naming_the_key(upload: Upload, demo_cache: Path) -> None:
     url = f"gs://{BUCKET}/nothing/x-{{0..3}}.tar"
     shards = resolve_shards(url, "data.train", str(demo_cache))

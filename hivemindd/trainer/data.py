@@ -52,6 +52,7 @@ HTTP_TIMEOUT_S = 60.0
 HTTP_ATTEMPTS = 3
 CHECK_ATTEMPTS = 4  # shards tried up front before a location is declared unreadable
 MAX_CONSECUTIVE_FAILURES = 32  # per loader worker: past this, the location is taken for unreadable
+MISSING_RETRY_S = 600.0  # a shard that was not found is drawn again after this long
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -317,12 +318,14 @@ class ShardReader:
         self.shard_count = shard_count  # distinct shards drawn from; 0: unknown
 
     def __call__(self, sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        missing: set[str] = set()  # 404s: drawing them again cannot help
+        # 404s, and when: drawing them again soon cannot help, but a shard re-uploaded (or replaced
+        # while we read it, which fails the pinned generation) is worth another try later.
+        missing: dict[str, float] = {}
         failures = 0
         last_error = ""
         for source in sources:
             url = source["url"]
-            if url in missing:
+            if url in missing and time.monotonic() - missing[url] < MISSING_RETRY_S:
                 continue
             try:
                 yield from self._read(url)
@@ -332,7 +335,7 @@ class ShardReader:
                 if self.tally is not None:
                     self.tally.add_failure()
                 if _is_missing(exc):
-                    missing.add(url)
+                    missing[url] = time.monotonic()
                 failures += 1
                 if 0 < self.shard_count <= len(missing):
                     self._give_up(f"all {self.shard_count} are missing, the last with: {last_error}")
@@ -340,6 +343,7 @@ class ShardReader:
                     self._give_up(f"{failures} shards failed in a row, the last with: {last_error}")
             else:
                 failures = 0
+                missing.pop(url, None)
 
     def _read(self, url: str) -> Iterator[dict[str, Any]]:
         with contextlib.closing(open_location(url)) as stream:
