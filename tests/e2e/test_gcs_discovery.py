@@ -33,16 +33,19 @@ def test_daemons_meet_through_the_bucket_and_survive_an_outage(gcs: GcsEmulator,
         other.write_text(TEST_SPEC.replace("lr = 0.05", "lr = 0.5"))
         clash = b.hmctl("join", "--run-id", "gcsrun", "--spec", str(other))
         assert clash.returncode == 1 and "already exists with a different spec" in clash.stderr
-        for d in (a, c):
-            assert d.hmctl("pause").returncode == 0  # nothing here needs the trainers
+        assert c.hmctl("pause").returncode == 0  # A's trainer alone is enough to see training go on
         c_id = c.status()["peer_id"]
         wait_until(lambda: [p for p in a.call("peers") if p["peer_id"] == c_id], 30, "A to list C in the run")
 
+        wait_until(lambda: (a.status()["trainer"].get("step") or 0) > 0, 90, "A's trainer to take steps")
         gcs.stop()
         wait_until(lambda: a.status()["discovery"]["state"] == "degraded", 30, "A to report degraded")
         status = a.status()
         assert "cannot" in status["discovery"]["error"] and status["dht"]["alive"]
         assert [p["peer_id"] for p in a.call("peers")] == [c_id]  # keeps the peers it knew
+        step = status["trainer"]["step"]
+        wait_until(lambda: a.status()["trainer"]["step"] > step, 60, "A's trainer to keep training in the outage")
+        assert a.status()["trainer"]["state"] == "running" and a.status()["discovery"]["state"] == "degraded"
         gcs.start()
         wait_until(lambda: a.status()["discovery"]["state"] == "ok", 60, "A to recover by itself")
     finally:
