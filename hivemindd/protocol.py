@@ -31,12 +31,18 @@ MAX_PAUSE_S = 366 * 86400  # a year and a day: longer is a typo, and would overf
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message must not echo a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def check_run_id(run_id: object) -> str | None:
     """Why ``run_id`` is unusable, or None. Run ids become path parts, so no slashes or dots first."""
     if not isinstance(run_id, str):
         return f"must be a string, got {type(run_id).__name__}"
     if not RUN_ID_PATTERN.fullmatch(run_id):
-        return f"{run_id!r} is not a run id: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        return f"{shown(run_id)} is not a run id: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
     return None
 
 
@@ -83,7 +89,7 @@ def _check_fields(body: Any, allowed: set[str]) -> dict[str, Any]:
         raise RequestError("the request body must be a JSON object")
     for key in body:
         if key not in allowed:
-            raise RequestError(f"unknown field {key!r} (allowed: {', '.join(sorted(allowed))})", field=key)
+            raise RequestError(f"unknown field {shown(key)} (allowed: {', '.join(sorted(allowed))})", field=key[:64])
     return body
 
 
@@ -92,7 +98,7 @@ def _optional(body: dict[str, Any], key: str, kind: type, what: str) -> Any:
     if value is None:
         return None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise RequestError(f"{key} must be {what}, got {value!r}", field=key)
+        raise RequestError(f"{key} must be {what}, got {shown(value)}", field=key)
     return value
 
 
@@ -136,21 +142,21 @@ def parse_duration(text: object, field: str = "for") -> float:
     """Seconds in ``text`` like ``90s``, ``30m``, ``2h``, ``1h30m``, ``1d``; RequestError naming ``field``."""
     hint = "use a number with a unit, largest first, like 90s, 30m, 2h or 1h30m"
     if not isinstance(text, str):
-        raise RequestError(f"{field} must be a duration string ({hint}), got {text!r}", field=field)
+        raise RequestError(f"{field} must be a duration string ({hint}), got {shown(text)}", field=field)
     parts = []
     pos = 0
     while pos < len(text) <= 32:
         match = _DURATION_PART.match(text, pos)
         if match is None:
-            raise RequestError(f"{field}: {text[:40]!r} is not a duration: {hint}", field=field)
+            raise RequestError(f"{field}: {shown(text, 40)} is not a duration: {hint}", field=field)
         parts.append(match)
         pos = match.end()
     units = [m.group(2) for m in parts]
     if not parts or pos != len(text) or units != sorted(set(units), key="dhms".index):
-        raise RequestError(f"{field}: {text[:40]!r} is not a duration: {hint}", field=field)
+        raise RequestError(f"{field}: {shown(text, 40)} is not a duration: {hint}", field=field)
     seconds = sum(int(m.group(1)) * _UNIT_S[m.group(2)] for m in parts)
     if not 0 < seconds <= MAX_PAUSE_S:
-        raise RequestError(f"{field} must be more than 0s and at most {MAX_PAUSE_S // 86400}d, got {text!r}",
+        raise RequestError(f"{field} must be more than 0s and at most {MAX_PAUSE_S // 86400}d, got {shown(text)}",
                            field=field)
     return float(seconds)
 
@@ -183,7 +189,7 @@ class PauseRequest:
         duration = None if body.get("for") is None else parse_duration(body["for"], "for")
         after = body.get("after_checkpoint", False)
         if not isinstance(after, bool):
-            raise RequestError(f"after_checkpoint must be true or false, got {after!r}", field="after_checkpoint")
+            raise RequestError(f"after_checkpoint must be true or false, got {shown(after)}", field="after_checkpoint")
         return cls(duration_s=duration, after_checkpoint=after)
 
 
@@ -196,18 +202,18 @@ def parse_empty(body: Any) -> None:
 def parse_no_query(query: dict[str, str]) -> None:
     """Routes other than logs take no query parameters; a stray one is a typo worth reporting."""
     for key in query:
-        raise RequestError(f"unknown query parameter {key[:64]!r} (this endpoint takes none)", field=key[:64])
+        raise RequestError(f"unknown query parameter {shown(key)} (this endpoint takes none)", field=key[:64])
 
 
 def parse_log_query(query: dict[str, str]) -> tuple[int, int | None]:
     """``n`` lines (default 100) and an optional ``after`` offset for follow mode."""
     for key in query:
         if key not in ("n", "after"):
-            raise RequestError(f"unknown query parameter {key!r} (allowed: n, after)", field=key)
+            raise RequestError(f"unknown query parameter {shown(key)} (allowed: n, after)", field=key[:64])
     try:
         n = int(query.get("n", "100"))
     except ValueError:
-        raise RequestError(f"n must be an integer, got {query['n']!r}", field="n") from None
+        raise RequestError(f"n must be an integer, got {shown(query['n'])}", field="n") from None
     if not 1 <= n <= MAX_LOG_LINES:
         raise RequestError(f"n must be in 1..{MAX_LOG_LINES}, got {n}", field="n")
     after = None
@@ -215,7 +221,7 @@ def parse_log_query(query: dict[str, str]) -> tuple[int, int | None]:
         try:
             after = int(query["after"])
         except ValueError:
-            raise RequestError(f"after must be an integer, got {query['after']!r}", field="after") from None
+            raise RequestError(f"after must be an integer, got {shown(query['after'])}", field="after") from None
         if after < 0:
             raise RequestError("after must be >= 0", field="after")
     return n, after
