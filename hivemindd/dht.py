@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import psutil
 import structlog
 
 from hivemindd.state import write_atomic
+
+STALE_WAIT_S = 5.0
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +52,52 @@ async def _connect(_dht: Any, node: Any, peers: Sequence[tuple[str, Sequence[str
     return [pid for (pid, _), ok in zip(peers, results, strict=True) if ok]
 
 
+def end_stale_dht(record: Path) -> list[int]:
+    """End the DHT process and p2pd that a daemon killed with SIGKILL left running; returns their pids.
+
+    hivemind's DHT is a forked child with p2pd below it; neither notices its daemon die.
+    ``record`` lists (pid, start time) of each, written once the DHT is up; a recycled
+    pid has another start time and is left alone.
+    """
+    try:
+        entries = [(int(e["pid"]), float(e["create_time"])) for e in json.loads(record.read_bytes())]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("dht.bad_pid_record", path=str(record))
+        record.unlink(missing_ok=True)
+        return []
+    alive = []
+    for pid, created in entries:
+        try:
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - created) < 1:
+                alive.append(proc)
+        except psutil.Error:
+            continue
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=STALE_WAIT_S)
+    if alive:
+        log.warning("dht.ended_stale", pids=[p.pid for p in alive])
+    record.unlink(missing_ok=True)
+    return [p.pid for p in alive]
+
+
+def record_dht_processes(record: Path, dht_pid: int) -> None:
+    """Write (pid, start time) of the DHT process and everything below it (p2pd) for end_stale_dht."""
+    root = psutil.Process(dht_pid)
+    procs = [root, *root.children(recursive=True)]
+    entries = []
+    for proc in procs:
+        try:
+            entries.append({"pid": proc.pid, "create_time": proc.create_time(), "name": proc.name()})
+        except psutil.Error:
+            continue
+    write_atomic(record, json.dumps(entries).encode(), mode=0o600)
+
+
 class HostDHT:
     """Owns one ``hivemind.DHT`` process (and its p2pd) for the daemon's lifetime."""
 
@@ -55,8 +106,10 @@ class HostDHT:
         identity_path: Path,
         host_maddrs: Sequence[str],
         announce_maddrs: Sequence[str],
+        pid_record: Path | None = None,
     ) -> None:
         self.identity_path = identity_path
+        self.pid_record = pid_record  # where the DHT's process ids go, for the next daemon to clean up
         self.host_maddrs = list(host_maddrs)
         self.announce_maddrs = list(announce_maddrs)
         self._dht: Any = None
@@ -79,6 +132,8 @@ class HostDHT:
             start=True,
         )
         self.maddrs = [str(m) for m in self._dht.get_visible_maddrs()]
+        if self.pid_record is not None:
+            record_dht_processes(self.pid_record, self._dht.pid)
         log.info("dht.started", peer_id=self.peer_id, maddrs=self.maddrs, bootstrap_peers=len(initial_peers))
 
     @property
@@ -98,3 +153,5 @@ class HostDHT:
             self._dht.shutdown()
             self._dht.join(timeout=10)
             self._dht = None
+            if self.pid_record is not None:
+                self.pid_record.unlink(missing_ok=True)
