@@ -8,7 +8,6 @@ control API. Signals only set a flag; SIGTERM takes the same path as any stop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import json
 import os
@@ -31,11 +30,12 @@ from hivemindd import __version__
 from hivemindd.api import build_app, peer_guard, token_guard
 from hivemindd.auth import Authorizer, identity_check_available
 from hivemindd.config import ConfigError, DaemonConfig, build_config
-from hivemindd.dht import HostDHT, end_stale_dht
+from hivemindd.dht import HostDHT
 from hivemindd.discovery import DiscoveryError, PeerRecord, open_backend
 from hivemindd.discovery.agent import DiscoveryAgent
 from hivemindd.launch import HostSettings, TrainerLaunch
 from hivemindd.logfile import TrainerLog
+from hivemindd.notify import Notifier, ServiceHeartbeat, status_line
 from hivemindd.process import PidFile, ProcessSpawner
 from hivemindd.protocol import JoinRequest, PauseRequest, RequestError
 from hivemindd.spec import RunSpec, SpecError, parse_json, parse_toml
@@ -93,15 +93,13 @@ class Daemon:
         stale = await asyncio.to_thread(PidFile(self.paths.pid_file).end_stale)
         if stale:
             log.warning("trainer.stale_ended", pid=stale)
-        dht_record = self.paths.root / "dht.pids"
-        await asyncio.to_thread(end_stale_dht, dht_record)  # a SIGKILLed daemon's DHT and p2pd
         if self.cfg.discovery == (self.paths.root / "discovery").as_uri():
             (self.paths.root / "discovery").mkdir(exist_ok=True)  # the embedded default needs no setup
         try:
             backend = open_backend(self.cfg.discovery)
         except DiscoveryError as exc:
             raise StartupError(str(exc)) from None
-        self.dht = HostDHT(self.paths.identity, self.cfg.host_maddrs, self.cfg.announce_maddrs, dht_record)
+        self.dht = HostDHT(self.paths.identity, self.cfg.host_maddrs, self.cfg.announce_maddrs)
         self.agent = DiscoveryAgent(
             backend, describe=self._describe, on_new_peers=self._connect_peers,
             heartbeat_s=self.cfg.heartbeat_s, ttl_s=self.cfg.ttl_s,
@@ -153,7 +151,6 @@ class Daemon:
             self.trainer_log.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
-            self._lock_fd = None
         log.info("daemon.stopped")
 
     def _lock_state_dir(self) -> None:
@@ -169,15 +166,6 @@ class Daemon:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
-        # Forked children (hivemind's DHT process) must not hold the lock: one orphaned by a
-        # SIGKILLed daemon would lock the next daemon out of the state dir it has to clean up.
-        os.register_at_fork(after_in_child=self._drop_lock_in_child)
-
-    def _drop_lock_in_child(self) -> None:
-        if self._lock_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._lock_fd)
-            self._lock_fd = None
 
     async def _serve_api(self) -> None:
         path = self.cfg.socket
@@ -407,15 +395,20 @@ def configure_logging(fmt: str) -> None:
 
 async def serve(cfg: DaemonConfig) -> None:
     daemon = Daemon(cfg)
+    # systemd Type=notify: READY once start() returns, STATUS on changes, WATCHDOG from this loop (no-op in foreground).
+    heartbeat = ServiceHeartbeat(Notifier.from_environment(), lambda: status_line(daemon.status()))
     try:
         await daemon.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.request_stop)
+        heartbeat.start()
         await daemon.run()
     finally:
+        heartbeat.stopping()  # the watchdog keeps beating while the trainer checkpoints
         with suppress(asyncio.CancelledError):
             await daemon.stop()
+        await heartbeat.close()
 
 
 @click.group(invoke_without_command=True, context_settings={"auto_envvar_prefix": "HIVEMINDD",
@@ -468,8 +461,10 @@ def main(ctx: click.Context, **flags: Any) -> None:
 
 def _register_subcommands() -> None:
     from hivemindd.demo import demo
+    from hivemindd.service import service
 
     main.add_command(demo)
+    main.add_command(service)
 
 
 _register_subcommands()
