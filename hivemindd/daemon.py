@@ -8,6 +8,7 @@ control API. Signals only set a flag; SIGTERM takes the same path as any stop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -30,7 +31,7 @@ from hivemindd import __version__
 from hivemindd.api import build_app, peer_guard, token_guard
 from hivemindd.auth import Authorizer, identity_check_available
 from hivemindd.config import ConfigError, DaemonConfig, build_config
-from hivemindd.dht import HostDHT
+from hivemindd.dht import HostDHT, end_stale_dht
 from hivemindd.discovery import DiscoveryError, PeerRecord, open_backend
 from hivemindd.discovery.agent import DiscoveryAgent
 from hivemindd.launch import HostSettings, TrainerLaunch
@@ -93,13 +94,15 @@ class Daemon:
         stale = await asyncio.to_thread(PidFile(self.paths.pid_file).end_stale)
         if stale:
             log.warning("trainer.stale_ended", pid=stale)
+        dht_record = self.paths.root / "dht.pids"
+        await asyncio.to_thread(end_stale_dht, dht_record)  # a SIGKILLed daemon's DHT and p2pd
         if self.cfg.discovery == (self.paths.root / "discovery").as_uri():
             (self.paths.root / "discovery").mkdir(exist_ok=True)  # the embedded default needs no setup
         try:
             backend = open_backend(self.cfg.discovery)
         except DiscoveryError as exc:
             raise StartupError(str(exc)) from None
-        self.dht = HostDHT(self.paths.identity, self.cfg.host_maddrs, self.cfg.announce_maddrs)
+        self.dht = HostDHT(self.paths.identity, self.cfg.host_maddrs, self.cfg.announce_maddrs, dht_record)
         self.agent = DiscoveryAgent(
             backend, describe=self._describe, on_new_peers=self._connect_peers,
             heartbeat_s=self.cfg.heartbeat_s, ttl_s=self.cfg.ttl_s,
@@ -151,6 +154,7 @@ class Daemon:
             self.trainer_log.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
+            self._lock_fd = None
         log.info("daemon.stopped")
 
     def _lock_state_dir(self) -> None:
@@ -166,6 +170,15 @@ class Daemon:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        # Forked children (hivemind's DHT process) must not hold the lock: one orphaned by a
+        # SIGKILLed daemon would lock the next daemon out of the state dir it has to clean up.
+        os.register_at_fork(after_in_child=self._drop_lock_in_child)
+
+    def _drop_lock_in_child(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
 
     async def _serve_api(self) -> None:
         path = self.cfg.socket
