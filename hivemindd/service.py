@@ -238,6 +238,7 @@ def render_systemd(spec: ServiceSpec) -> str:
             "# p2pd lists interfaces over netlink; the trainer and the DHT talk TCP/UDP; hmctl uses a unix socket.",
             "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
             "CapabilityBoundingSet=",
+            "UMask=0027",
             "# A file:// discovery folder or a dataset outside the state directory needs, in a drop-in",
             "# (systemctl edit hivemindd): ReadWritePaths=/mnt/shared/hivemind  (or ReadOnlyPaths= for data).",
         ]
