@@ -48,3 +48,26 @@ def test_status_rendering_shows_crashloop_errors() -> None:
     text = render_status(status)
     assert "crashloop" in text and "retry in 4m" in text and "no shards match" in text and "| OSError: x" in text
     assert "step 120  epoch 3" in text
+
+
+def test_bad_pause_duration_is_refused_before_asking_the_daemon(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["--socket", str(tmp_path / "none.sock"), "pause", "--for", "half an hour"])
+    assert result.exit_code == 2  # a usage error, not "daemon unreachable": nothing was sent
+    assert "'--for'" in result.output and "like 90s, 30m, 2h or 1h30m" in result.output
+
+
+def test_status_rendering_shows_the_pause_and_the_http_listener() -> None:
+    status = {
+        "peer_id": "QmA", "hostname": "h", "version": "0.1.0", "run_id": "demo", "paused": True,
+        "pause": {"until": None, "remaining_s": None, "after_checkpoint": True},
+        "host": {"device": "cpu", "batch_size": 8, "workers": 0}, "peers": 0,
+        "discovery": {"url": "file:///d", "state": "ok", "error": None},
+        "http": {"url": "http://127.0.0.1:8080", "token_file": "/s/http.token"},
+        "trainer": {"state": "running", "since_s": 5, "retry_in_s": None, "pid": 7, "restarts": 0, "step": None,
+                    "last_error": None, "error_lines": []},
+    }
+    text = render_status(status)
+    assert "pause     pausing after the next checkpoint" in text
+    assert "http      http://127.0.0.1:8080  (bearer token in /s/http.token)" in text
+    status["pause"] = None  # a daemon from before timed pauses
+    assert "paused indefinitely" in render_status(status)

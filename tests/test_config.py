@@ -78,3 +78,36 @@ def test_socket_path_too_long_is_refused(tmp_path: Path) -> None:
 def test_ttl_shorter_than_heartbeat_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="ttl"):
         build_config({"state_dir": str(tmp_path), "heartbeat": 10.0, "ttl": 5.0})
+
+
+def test_operator_group_and_http_from_file_env_and_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HIVEMINDD_OPERATOR_GROUP", raising=False)
+    monkeypatch.delenv("HIVEMINDD_HTTP", raising=False)
+    cfg = build_config(parse_flags(["--state-dir", str(tmp_path)]))
+    assert cfg.operator_group == "hivemind" and cfg.http is None and not cfg.http_allow_remote
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('operator_group = "staff"\nhttp = "127.0.0.1:8080"\nhttp_allow_remote = true\n')
+    cfg = build_config(parse_flags(["--config", str(cfg_file)]))
+    assert cfg.operator_group == "staff" and cfg.http == ("127.0.0.1", 8080) and cfg.http_allow_remote
+    monkeypatch.setenv("HIVEMINDD_OPERATOR_GROUP", "trainers")
+    cfg = build_config(parse_flags(["--config", str(cfg_file), "--http", "[::1]:0"]))
+    assert cfg.operator_group == "trainers" and cfg.http == ("::1", 0) and cfg.http_is_loopback
+    assert not build_config(parse_flags(["--state-dir", str(tmp_path), "--http", "10.0.0.1:80"])).http_is_loopback
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--http", "8080"], "http must be HOST:PORT"),
+    (["--http", "127.0.0.1:99999"], "http must be HOST:PORT"),
+    (["--http", "host.example:80"], "not an IP address"),
+    (["--operator-group", "bad group"], "not a group name"),
+])
+def test_bad_operator_group_or_http_is_named(tmp_path: Path, flags: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(parse_flags(["--state-dir", str(tmp_path), *flags]))
+
+
+def test_http_allow_remote_must_be_a_boolean_in_the_file(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('http_allow_remote = "yes"\n')
+    with pytest.raises(ConfigError, match="http_allow_remote has the wrong type"):
+        read_config_file(cfg_file)
