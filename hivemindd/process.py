@@ -26,6 +26,7 @@ log = structlog.get_logger(__name__)
 EventHandler = Callable[[dict[str, Any]], None]
 LineHandler = Callable[[str], None]
 _MAX_EVENT_BYTES = 64 * 1024
+_OUTPUT_LIMIT = 64 * 1024  # asyncio's default line limit for the trainer's output
 
 
 class TrainerHandle(Protocol):
@@ -102,16 +103,38 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
+class _ExitProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Also resolves ``exited`` the moment the trainer's main process ends.
+
+    ``Process.wait()`` (Python 3.11) returns only once every pipe is closed, and the
+    trainer's DHT process, p2pd and loader workers hold its stdout: after a SIGKILL of
+    the main process alone (the OOM killer's way) they would keep ``wait()`` hanging.
+    """
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
 class _ProcessHandle:
-    def __init__(self, proc: asyncio.subprocess.Process, readers: list[asyncio.Task[None]], pid_file: PidFile) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, exited: asyncio.Future[None],
+                 readers: list[asyncio.Task[None]], pid_file: PidFile) -> None:
         self._proc = proc
+        self._exited = exited
         self._readers = readers
         self._pid_file = pid_file
         self.pid = proc.pid
 
     async def wait(self) -> int:
-        code = await self._proc.wait()
-        # The trainer's DHT process and p2pd share its group; none may outlive it.
+        await asyncio.shield(self._exited)
+        code = self._proc.returncode
+        assert code is not None
+        # The trainer's DHT process, p2pd and loader workers share its group; none may outlive it.
         kill_group(self.pid)
         _, pending = await asyncio.wait(self._readers, timeout=5)
         for task in pending:
@@ -142,8 +165,10 @@ class ProcessSpawner:
         read_fd, write_fd = os.pipe()
         env = dict(self.env if self.env is not None else os.environ)
         env["PYTHONUNBUFFERED"] = "1"
+        loop = asyncio.get_running_loop()
         try:
-            proc = await asyncio.create_subprocess_exec(
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _ExitProtocol(limit=_OUTPUT_LIMIT, loop=loop),
                 sys.executable, "-m", "hivemindd.trainer", "--launch", str(launch_file), "--events-fd", str(write_fd),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
@@ -153,6 +178,7 @@ class ProcessSpawner:
                 cwd=work_dir,
                 env=env,
             )
+            proc = asyncio.subprocess.Process(transport, protocol, loop)
         except BaseException:
             os.close(read_fd)
             raise
@@ -164,7 +190,7 @@ class ProcessSpawner:
             asyncio.create_task(_read_lines(proc.stdout, on_line), name="trainer-output"),
             asyncio.create_task(_read_events(read_fd, on_event), name="trainer-events"),
         ]
-        return _ProcessHandle(proc, readers, self.pid_file)
+        return _ProcessHandle(proc, protocol.exited, readers, self.pid_file)
 
 
 async def _read_lines(stream: asyncio.StreamReader, on_line: LineHandler) -> None:

@@ -81,9 +81,14 @@ class RestartTracker:
     consecutive: int = 0
     failures: list[float] = field(default_factory=list)
 
-    def record_exit(self, started_at: float, now: float, rand: float) -> tuple[bool, float]:
-        """After an unexpected exit: (crashloop?, seconds to wait before the next start)."""
-        if now - started_at >= self.policy.stable_after_s:
+    def record_exit(self, started_at: float, now: float, rand: float, progressed: bool = False) -> tuple[bool, float]:
+        """After an unexpected exit: (crashloop?, seconds to wait before the next start).
+
+        ``progressed``: the run wrote a checkpoint. A trainer that keeps dying but keeps
+        saving progress (the OOM killer, a flaky host) is getting somewhere: it restarts
+        at once every time and never counts towards crashloop, which is for going nowhere.
+        """
+        if progressed or now - started_at >= self.policy.stable_after_s:
             self.reset()
         self.consecutive += 1
         self.failures = [t for t in self.failures if now - t < self.policy.crashloop_window_s] + [now]
@@ -149,6 +154,7 @@ class Supervisor:
         self._handle: TrainerHandle | None = None
         self._handle_key: str | None = None
         self._started_at = 0.0
+        self._checkpointed = False
         self._stop_requested = False
         self.restarts = 0
         self.info: dict[str, Any] = {}  # what the trainer reported: step, epoch, loss …
@@ -249,6 +255,7 @@ class Supervisor:
         reason = "restart after failure" if was_failure else "resumed" if self.state is S.PAUSED else "run joined"
         self.transition(S.STARTING, reason)
         self._started_at = self._clock()  # a failed spawn must count as a fast failure too
+        self._checkpointed = False  # this run saved progress (see RestartTracker.record_exit)
         try:
             launch = factory()
             handle = await self._spawner.spawn(launch, self._on_event, self._log.write)
@@ -336,7 +343,8 @@ class Supervisor:
         if code == EXIT_CONFIG_ERROR:
             crashloop, delay = True, self._tracker.policy.crashloop_cooldown_s
         else:
-            crashloop, delay = self._tracker.record_exit(self._started_at, self._clock(), self._rand())
+            crashloop, delay = self._tracker.record_exit(self._started_at, self._clock(), self._rand(),
+                                                         progressed=self._checkpointed)
         self._retry_at = self._clock() + delay
         if crashloop:
             self.transition(S.CRASHLOOP, f"{self.last_error}; retrying in {delay:.0f} s")
@@ -366,6 +374,8 @@ class Supervisor:
             step = event.get("checkpoint_step", event.get("step"))
             if step is not None:
                 self.info["checkpoint_step"] = step
+            if kind == "checkpoint":
+                self._checkpointed = True
             if kind == "checkpoint" and self._desired.paused and self._desired.after_checkpoint:
                 log.info("trainer.pausing_after_checkpoint", step=step)
                 self._log.note(f"checkpoint at step {step}: pausing as asked")

@@ -35,6 +35,14 @@ def test_crashloop_after_repeated_fast_failures_and_reset_after_stable_run() -> 
     assert all(not tracker.record_exit(t - 1, t, 0.5)[0] for t in (0.0, 150.0, 300.0, 450.0))
 
 
+def test_runs_that_checkpoint_never_crashloop_and_restart_at_once() -> None:
+    """Killed again and again (the OOM killer) but saving progress each time: no crashloop, no growing wait."""
+    tracker = RestartTracker(RestartPolicy())
+    for t in range(0, 100, 10):
+        assert tracker.record_exit(float(t), t + 5.0, 0.5, progressed=True) == (False, 1.0)
+    assert tracker.record_exit(100.0, 105.0, 0.5) == (False, 2.0)  # one that saved nothing counts again
+
+
 class FakeHandle:
     def __init__(self, pid: int, obeys_sigterm: bool) -> None:
         self.pid = pid
