@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hivemindd.trainer.data import resolve_shards, train_batches  # noqa: E402
-from tests.gcs_emulator import GcsEmulator  # noqa: E402
+from hivemindd.trainer.data import resolve_shards, train_batches
+from tests.gcs_emulator import GcsEmulator
 
 BATCH = 32
 
