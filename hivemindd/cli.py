@@ -29,13 +29,17 @@ from hivemindd.protocol import (
     parse_duration,
 )
 
+SYSTEM_SOCKET = Path("/run/hivemindd/hivemindd.sock")  # the system unit's (systemd/hivemindd.service)
+
 
 def default_socket() -> Path:
+    """$HIVEMINDD_STATE_DIR's socket; else this user's daemon's; else the system service's if it exists."""
     state_dir = os.environ.get("HIVEMINDD_STATE_DIR")
     if state_dir:
         return Path(state_dir).expanduser() / "hivemindd.sock"
     xdg = os.environ.get("XDG_STATE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "hivemindd" / "hivemindd.sock"
+    own = (Path(xdg) if xdg else Path.home() / ".local" / "state") / "hivemindd" / "hivemindd.sock"
+    return SYSTEM_SOCKET if not own.exists() and SYSTEM_SOCKET.exists() else own
 
 
 class ApiError(Exception):
@@ -128,7 +132,8 @@ json_option = click.option("--json", "json_output", is_flag=True, help="Print JS
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--socket", "socket_path", envvar="HIVEMINDD_SOCKET", type=click.Path(dir_okay=False, path_type=Path),
-              help="hivemindd's control socket. [$HIVEMINDD_SOCKET, else <state-dir>/hivemindd.sock]")
+              help="hivemindd's control socket. [$HIVEMINDD_SOCKET, else <state-dir>/hivemindd.sock, "
+                   "else /run/hivemindd/hivemindd.sock]")
 @click.pass_context
 def main(ctx: click.Context, socket_path: Path | None) -> None:
     """Control the hivemindd on this machine.
