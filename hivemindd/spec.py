@@ -38,6 +38,9 @@ class DataSpec:
     train_samples: int = 0
     image_size: int = 224
     classes: str = ""  # optional classes.json (path or URL) naming string labels; index = position
+    # training augmentation: "random-resized-crop" (ImageNet: RandomResizedCrop + flip), "crop-flip"
+    # (CIFAR: pad by size/8, random crop, flip), "none" (resize only: digits, text, anything flip-sensitive)
+    augment: str = "random-resized-crop"
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,8 @@ class RunSpec:
              f"{self.data.classes!r} is not a class list location (a path, or a file://, gs:// or https:// URL)")
         need(self.data.train_samples > 0, "data.train_samples", "must be the number of samples in one dataset epoch (> 0)")
         need(8 <= self.data.image_size <= 1024, "data.image_size", "must be between 8 and 1024 pixels")
+        need(self.data.augment in ("random-resized-crop", "crop-flip", "none"), "data.augment",
+             f"{self.data.augment!r} is not an augmentation (use 'random-resized-crop', 'crop-flip' or 'none')")
         need(self.optimizer.lr > 0, "optimizer.lr", "must be > 0")
         need(0 <= self.optimizer.momentum < 1, "optimizer.momentum", "must be in [0, 1)")
         need(self.optimizer.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")

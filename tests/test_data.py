@@ -117,10 +117,11 @@ def test_trainers_generating_together_agree(tmp_path: Path, demo_cache: Path) ->
 def test_train_batches(demo_cache: Path) -> None:
     shards = resolve_shards("demo://shapes/train", "data.train", str(demo_cache))
     images, labels = next(train_batches(shards, image_size=24, batch_size=16, workers=0))
-    assert images.shape == (16, 3, 24, 24) and images.dtype == torch.float32
+    # uint8 off the loader; the trainer normalises on its device (trainer/transforms.py)
+    assert images.shape == (16, 3, 24, 24) and images.dtype == torch.uint8
     assert labels.shape == (16,) and labels.dtype == torch.int64
     assert int(labels.min()) >= 0 and int(labels.max()) < 10
-    assert -3 < float(images.mean()) < 3  # normalized, not 0..255
+    assert int(images.max()) > 100  # pixel values, not normalised floats
 
 
 def test_train_batches_with_workers(tmp_path: Path) -> None:

@@ -5,14 +5,23 @@ checkpoint is written to a temp file in the same directory and fsynced, the old
 ``latest.pt`` becomes ``previous.pt``, the temp file becomes ``latest.pt``, and the
 directory is fsynced. A crash at any point leaves at least one whole checkpoint,
 and the loader falls back from ``latest.pt`` to ``previous.pt`` when the first is
-missing, truncated or corrupt.
+missing, truncated or corrupt. Corruption is found by the CRC-32 that torch's zip
+format stores for every record (``torch.load`` itself reads flipped bytes inside a
+tensor without a word).
+
+``best.pt`` (the checkpoint with the best val top-1 so far) and ``final.pt`` (the
+end of a run) are hard links to the ``latest.pt`` of that moment, made under a temp
+name and renamed into place: no second copy on disk, and never half a file, since
+no checkpoint file is ever modified after its rename.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +32,8 @@ log = logging.getLogger(__name__)
 
 LATEST = "latest.pt"
 PREVIOUS = "previous.pt"
+BEST = "best.pt"
+FINAL = "final.pt"
 FORMAT = 1
 REQUIRED_KEYS = ("format", "model", "optimizer", "step", "samples", "epoch")
 _TEMP_PREFIX = f".{LATEST}."
@@ -61,6 +72,26 @@ def save_checkpoint(directory: Path, payload: dict[str, Any]) -> Path:
     return latest
 
 
+def keep_as(directory: Path, name: str) -> Path:
+    """Make ``name`` (``best.pt``, ``final.pt``) the current ``latest.pt`` too, atomically."""
+    latest, target = directory / LATEST, directory / name
+    tmp = directory / f".{name}.{os.getpid()}{_TEMP_SUFFIX}"
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(latest, tmp)
+        except OSError:  # a filesystem without hard links: copy, and make the copy durable
+            shutil.copyfile(latest, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(directory)
+    return target
+
+
 def load_latest(directory: Path) -> LoadedCheckpoint:
     """The newest whole checkpoint in ``directory``: ``latest.pt``, else ``previous.pt``."""
     problems: list[str] = []
@@ -81,7 +112,13 @@ def load_latest(directory: Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(None, None, problems)
 
 
+def load_file(path: Path) -> dict[str, Any]:
+    """One checkpoint file, verified; raises (ValueError, OSError, torch's errors) if it is not whole."""
+    return _read(path)
+
+
 def _read(path: Path) -> dict[str, Any]:
+    _verify_zip(path)
     # weights_only: a checkpoint holds tensors, numbers and strings, never code.
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict):
@@ -94,9 +131,19 @@ def _read(path: Path) -> dict[str, Any]:
     return payload
 
 
+def _verify_zip(path: Path) -> None:
+    """Check every record's CRC-32; files saved in torch's legacy (non-zip) format are left to torch.load."""
+    if not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise ValueError(f"checksum mismatch in {bad}")
+
+
 def _remove_stale_temps(directory: Path) -> None:
     # Left by a trainer killed mid-write; only one trainer uses a work dir at a time.
-    for stale in directory.glob(f"{_TEMP_PREFIX}*{_TEMP_SUFFIX}"):
+    for stale in directory.glob(f".*{_TEMP_SUFFIX}"):
         stale.unlink(missing_ok=True)
 
 

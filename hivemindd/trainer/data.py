@@ -33,18 +33,16 @@ import braceexpand
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
-from torchvision import transforms
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from hivemindd.trainer.demo_data import ensure_demo_shards
 from hivemindd.trainer.errors import ConfigError
 from hivemindd.trainer.folder_tree import TreeReader, index_path, is_folder_tree, load_or_build_index
+from hivemindd.trainer.transforms import Prefetcher, train_transform, val_transform
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SHUFFLE_BUFFER = 1000  # samples; mixes consecutive shards without costing much memory
 REMOTE_SCHEMES = ("gs://", "https://", "http://")
 GCS_CHUNK_BYTES = 16 << 20  # one ranged GET per chunk, each retried by the library on its own
@@ -53,6 +51,7 @@ HTTP_ATTEMPTS = 3
 CHECK_ATTEMPTS = 4  # shards tried up front before a location is declared unreadable
 MAX_CONSECUTIVE_FAILURES = 32  # per loader worker: past this, the location is taken for unreadable
 MISSING_RETRY_S = 600.0  # a shard that was not found is drawn again after this long
+PREFETCH_BATCHES = 3  # batches decoded ahead by the prefetch thread when there are no loader workers
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -294,16 +293,6 @@ def check_location(url: str, shards: Sequence[str], key: str, classes: Sequence[
     raise ConfigError(f"{key}: no shard of {url} could be read: {reason}")
 
 
-def train_transform(image_size: int) -> transforms.Compose:
-    """ImageNet-standard training augmentation."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(image_size),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
 class ShardReader:
     """Turns a stream of ``{"url": shard}`` into raw samples, skipping and counting shards that fail.
 
@@ -379,20 +368,20 @@ def _raw_samples(shards: list[str], key: str, location: str, classes: list[str] 
 
 def train_dataset(shards: list[str], image_size: int, *, key: str = "data.train", location: str = "",
                   classes: list[str] | None = None, tally: ShardTally | None = None,
-                  cache_dir: str = "") -> wds.DataPipeline:
-    """An endless stream of (image tensor, class index) from randomly drawn shards (or tree files)."""
+                  cache_dir: str = "", augment: str = "random-resized-crop") -> wds.DataPipeline:
+    """An endless stream of (uint8 CHW image, class index) from randomly drawn shards (or tree files)."""
     return wds.DataPipeline(
         *_raw_samples(shards, key, location, classes, tally, cache_dir),
         wds.shuffle(SHUFFLE_BUFFER),
         wds.decode("pil", handler=wds.warn_and_continue),
         wds.to_tuple(";".join(IMAGE_KEYS), "cls", handler=wds.warn_and_continue),
-        wds.map_tuple(train_transform(image_size), int),
+        wds.map_tuple(train_transform(image_size, augment), int),
     )
 
 
 def train_batches(shards: list[str], image_size: int, batch_size: int, workers: int, *, key: str = "data.train",
                   location: str = "", classes: list[str] | None = None, tally: ShardTally | None = None,
-                  cache_dir: str = "") -> Iterator[Batch]:
+                  cache_dir: str = "", augment: str = "random-resized-crop") -> Iterator[Batch]:
     """Endless batches; call before starting hivemind so loader workers fork from a quiet process.
 
     ``location`` (the spec's URL, for messages), ``classes`` (names of string labels) and
@@ -401,13 +390,38 @@ def train_batches(shards: list[str], image_size: int, batch_size: int, workers: 
     """
     loader = DataLoader(
         train_dataset(shards, image_size, key=key, location=location, classes=classes, tally=tally,
-                      cache_dir=cache_dir),
+                      cache_dir=cache_dir, augment=augment),
         batch_size=batch_size,
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
-    return _unwrap_worker_errors(iter(loader))
+    batches = _unwrap_worker_errors(iter(loader))
+    # Without workers the step would wait for every decode: overlap them in a thread instead.
+    return batches if workers > 0 else Prefetcher(batches, depth=PREFETCH_BATCHES, name="train-prefetch")
+
+
+def val_dataset(shards: list[str], image_size: int, *, key: str = "data.val", location: str = "",
+                classes: list[str] | None = None) -> wds.DataPipeline:
+    """One pass over the val shards in the order given, samples in file order: every run sees the same images."""
+    return wds.DataPipeline(
+        wds.SimpleShardList(shards),
+        ShardReader(key, location, classes, shard_count=len(set(shards))),
+        wds.decode("pil", handler=wds.warn_and_continue),
+        wds.to_tuple(";".join(IMAGE_KEYS), "cls", handler=wds.warn_and_continue),
+        wds.map_tuple(val_transform(image_size), int),
+    )
+
+
+def val_batches(shards: list[str], image_size: int, batch_size: int, *, key: str = "data.val", location: str = "",
+                classes: list[str] | None = None) -> Prefetcher[Batch]:
+    """The val set as batches, decoded in a background thread (no forked workers: hivemind runs by now).
+
+    Close it (``with``) when stopping early; the thread then ends.
+    """
+    loader = DataLoader(val_dataset(shards, image_size, key=key, location=location, classes=classes),
+                        batch_size=batch_size, num_workers=0)
+    return Prefetcher(_unwrap_worker_errors(iter(loader)), depth=PREFETCH_BATCHES, name="val-prefetch")
 
 
 def _unwrap_worker_errors(batches: Iterator[Batch]) -> Iterator[Batch]:

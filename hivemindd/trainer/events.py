@@ -45,6 +45,20 @@ class EventWriter:
     def checkpoint(self, step: int, epoch: int, path: str) -> None:
         self.emit("checkpoint", step=step, epoch=epoch, path=path)
 
+    def validation(self, step: int, epoch: int, val_loss: float, val_top1: float, val_top5: float,
+                   best_top1: float, samples: int) -> None:
+        """Scores of one validation pass (accuracies in 0..1); ``best_top1`` includes this pass."""
+        self.emit("validation", step=step, epoch=epoch, val_loss=val_loss if math.isfinite(val_loss) else None,
+                  val_top1=val_top1, val_top5=val_top5, best_top1=best_top1, samples=samples)
+
+    def warning(self, kind: str, message: str) -> None:
+        """Something the owner should know that training survives (``kind``: checkpoint_corrupt, checkpoint_failed)."""
+        self.emit("warning", kind=kind, message=message)
+
+    def finished(self, step: int, epoch: int, dataset_epoch: float, path: str) -> None:
+        """The run reached ``[run] max_epochs``; ``path`` is final.pt. The trainer exits 0 next and must not be restarted."""
+        self.emit("finished", step=step, epoch=epoch, dataset_epoch=dataset_epoch, path=path)
+
     def error(self, message: str) -> None:
         self.emit("error", message=message)
 

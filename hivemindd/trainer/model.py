@@ -1,10 +1,14 @@
-"""The model (a torchvision classifier, never downloaded weights) and the device it runs on."""
+"""The model (a torchvision classifier, never downloaded weights), the device it runs on, and its precision."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -15,8 +19,8 @@ from hivemindd.trainer.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def build_model(arch: str, num_classes: int, image_size: int) -> nn.Module:
-    """A randomly initialised torchvision classifier; ConfigError if ``arch`` cannot be trained here."""
+def build_model(arch: str, num_classes: int, image_size: int, pretrained: str = "") -> nn.Module:
+    """A torchvision classifier, random or loaded from ``pretrained`` (a local file); ConfigError if unusable."""
     known = torchvision.models.list_models(module=torchvision.models)  # classifiers only
     if arch not in known:
         close = difflib.get_close_matches(arch, known, n=3)
@@ -26,8 +30,54 @@ def build_model(arch: str, num_classes: int, image_size: int) -> nn.Module:
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model.arch: cannot build {arch!r} with {num_classes} classes: {exc}") from None
+    if pretrained:
+        load_pretrained(model, pretrained, arch, num_classes)
     _check_forward(model, arch, image_size)
     return model
+
+
+def load_pretrained(model: nn.Module, location: str, arch: str, num_classes: int) -> None:
+    """Load weights from a local file: a state dict, or a checkpoint/dict holding one under "model"/"state_dict".
+
+    Nothing is ever downloaded. Every tensor must fit: a file made for another
+    architecture or another number of classes is a ConfigError naming what differs.
+    """
+    path = Path(location.removeprefix("file://")).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained: {location} is not a file on this host (weights are never downloaded)")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        raise ConfigError(f"model.pretrained: {path} is not a torch weights file ({_first_line(exc)})") from None
+    state = _state_dict_in(raw)
+    if state is None:
+        raise ConfigError(f"model.pretrained: {path} holds no state dict (expected tensors by parameter name)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ConfigError(f"model.pretrained: {path} does not fit {arch} with {num_classes} classes "
+                          f"({_first_line(exc)})") from None
+    log.info("loaded pretrained weights from %s", path)
+
+
+def _state_dict_in(raw: Any) -> dict[str, torch.Tensor] | None:
+    if isinstance(raw, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(raw.get(key), dict):
+                raw = raw[key]
+                break
+        if raw and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items()):
+            # weights saved from a DistributedDataParallel or torch.compile wrapper carry a prefix
+            for prefix in ("module.", "_orig_mod."):
+                if all(k.startswith(prefix) for k in raw):
+                    raw = {k.removeprefix(prefix): v for k, v in raw.items()}
+            return raw
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _check_forward(model: nn.Module, arch: str, image_size: int) -> None:
@@ -45,10 +95,10 @@ def _check_forward(model: nn.Module, arch: str, image_size: int) -> None:
 
 
 def select_device(setting: str) -> torch.device:
-    """``auto`` → cuda, else mps, else cpu; an explicit device must exist."""
+    """``auto`` → mps, else cuda, else cpu (the seed's order; no machine has both); an explicit device must exist."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if setting == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+        return torch.device("mps" if mps else "cuda" if cuda else "cpu")
     if setting == "cuda" and not cuda:
         raise ConfigError("host.device: 'cuda' was asked for but torch sees no CUDA GPU (use 'auto' or 'cpu')")
     if setting == "mps" and not mps:
@@ -79,3 +129,42 @@ def batchnorm_buffers(model: nn.Module) -> list[torch.Tensor]:
                 if tensor is not None and tensor.is_floating_point():
                     buffers.append(tensor)
     return buffers
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the forward/backward pass runs on this device.
+
+    CUDA: autocast to bf16 where the GPU has it (Ampere and newer; no loss scaling
+    needed), else fp16 with a GradScaler; channels_last memory format; TF32 matmuls
+    and convolutions. CPU and MPS: full fp32 (CPU autocast is slower than fp32 for
+    convolutions on most CPUs, and MPS autocast is incomplete).
+    """
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.amp_dtype is torch.float16
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def describe(self) -> str:
+        dtype = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype is not None else "fp32"
+        return f"{dtype}{' channels_last' if self.channels_last else ''}"
+
+
+def select_precision(device: torch.device) -> Precision:
+    """The fastest safe precision for ``device``; turns TF32 on for CUDA."""
+    if device.type != "cuda":
+        return Precision(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return Precision(device, amp_dtype=dtype, channels_last=True)

@@ -17,6 +17,8 @@ from hivemind.optim.grad_averager import GradientAverager
 from torch import nn
 
 from hivemindd.launch import TrainerLaunch
+from hivemindd.trainer import gossip
+from hivemindd.trainer.schedule import LrSchedule
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +74,14 @@ class BufferSync:
 
 
 def build_optimizer(launch: TrainerLaunch, dht: hivemind.DHT, model: nn.Module,
-                    extra_tensors: list[torch.Tensor]) -> hivemind.Optimizer:
-    """The collaborative optimizer; ``model`` must already hold its resumed weights."""
+                    extra_tensors: list[torch.Tensor]) -> hivemind.Optimizer | gossip.GossipOptimizer:
+    """The run's optimizer (collaborative, or gossip.py's); ``model`` must already hold its resumed weights."""
     spec = launch.spec
+    if spec.averaging.strategy == "gossip":
+        return gossip.build(launch, dht, model, extra_tensors)
+    schedule = LrSchedule.from_spec(spec)
     sgd: Callable[[Any], torch.optim.Optimizer] = lambda params: torch.optim.SGD(  # noqa: E731
-        params, lr=spec.optimizer.lr, momentum=spec.optimizer.momentum, weight_decay=spec.optimizer.weight_decay)
-    # hivemind steps the scheduler once per global epoch, so milestones are in global steps.
-    milestones = spec.milestones_in_global_steps()
-    schedule: Callable[[torch.optim.Optimizer], Scheduler] = lambda opt: torch.optim.lr_scheduler.MultiStepLR(  # noqa: E731
-        opt, milestones=milestones, gamma=spec.optimizer.gamma)
+        params, lr=schedule.peak_lr, momentum=spec.optimizer.momentum, weight_decay=spec.optimizer.weight_decay)
     # hivemind's matchmaking can deadlock when a leader's answer may take longer than the
     # matchmaking window (its default 3 s request timeout vs. the demo's 2 s window).
     request_timeout = min(DEFAULT_REQUEST_TIMEOUT_S, 0.75 * spec.averaging.matchmaking_time)
@@ -89,7 +90,7 @@ def build_optimizer(launch: TrainerLaunch, dht: hivemind.DHT, model: nn.Module,
         run_id=launch.run_id,
         params=model.parameters(),
         optimizer=sgd,
-        scheduler=schedule,
+        scheduler=schedule.scheduler,  # stepped by hivemind once per global epoch (see schedule.py)
         target_batch_size=spec.optimizer.target_batch_size,
         batch_size_per_step=launch.host.batch_size,
         matchmaking_time=spec.averaging.matchmaking_time,
@@ -106,12 +107,29 @@ def build_optimizer(launch: TrainerLaunch, dht: hivemind.DHT, model: nn.Module,
 
 
 def scheduler_of(opt: hivemind.Optimizer) -> Scheduler | None:
+    if isinstance(opt, gossip.GossipOptimizer):
+        return opt.scheduler
     scheduler = opt.state_averager.scheduler
     return scheduler if isinstance(scheduler, Scheduler) else None
 
 
 def current_lr(opt: hivemind.Optimizer) -> float:
+    if isinstance(opt, gossip.GossipOptimizer):
+        return opt.current_lr()
     return float(opt.opt.param_groups[0]["lr"])
+
+
+def align_lr(opt: hivemind.Optimizer, schedule: LrSchedule) -> None:
+    """Make the LR that of the current global epoch, however the epoch was reached.
+
+    hivemind updates the scheduler only inside a global step; after a checkpoint load,
+    and after its own catch-up (which sets ``local_epoch`` to the swarm's *after*
+    stepping the scheduler), the LR would lag until the next global step.
+    """
+    scheduler = scheduler_of(opt)
+    if scheduler is not None and (scheduler.last_epoch != opt.local_epoch
+                                  or current_lr(opt) != schedule.lr_at(opt.local_epoch)):
+        schedule.align(scheduler, opt.local_epoch)
 
 
 def announce_epoch(opt: hivemind.Optimizer) -> None:
@@ -120,6 +138,8 @@ def announce_epoch(opt: hivemind.Optimizer) -> None:
     hivemind does the same after its own state downloads; without it the tracker still
     believes in epoch 0 and the first step wastes itself on a pointless resync.
     """
+    if isinstance(opt, gossip.GossipOptimizer):
+        return opt.announce_epoch()
     opt.tracker.report_local_progress(local_epoch=opt.local_epoch, samples_accumulated=0)
     if not opt.client_mode:
         opt.state_averager.state_sharing_priority = opt.local_epoch
@@ -134,6 +154,8 @@ def peers_with_progress(opt: hivemind.Optimizer) -> int:
     counts other peers only (plus, for up to ``metadata_expiration``, a killed
     predecessor of this trainer).
     """
+    if isinstance(opt, gossip.GossipOptimizer):
+        return opt.peers_with_progress()
     return int(opt.tracker.global_progress.num_peers)
 
 
@@ -143,6 +165,8 @@ def load_state_from_peers(opt: hivemind.Optimizer) -> bool:
     hivemind returns without a word when no peer shares state (the averagers' key in
     the DHT is empty or lists only dead peers), so success is judged by a change.
     """
+    if isinstance(opt, gossip.GossipOptimizer):
+        return opt.load_state_from_peers()
     epoch_before, checksum_before = opt.local_epoch, _checksum(opt)
     opt.load_state_from_peers()
     return opt.local_epoch != epoch_before or _checksum(opt) != checksum_before
