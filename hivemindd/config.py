@@ -39,6 +39,10 @@ class DaemonConfig:
     heartbeat_s: float = 30.0
     ttl_s: float = 90.0
     stop_timeout_s: float = 150.0  # a stop may wait out a step in flight and a goodbye: 2 x averaging_timeout (60 s) + margin
+    # A trainer silent this long is hung; it must outlast the longest quiet phase (a full validation
+    # pass, downloading state from peers, a slow averaging round).
+    hang_timeout_s: float = 900.0
+    crashloop_cooldown_s: float = 300.0  # a trainer that keeps failing is retried this often
     host_defaults: HostSettings = field(default_factory=HostSettings)
     operator_group: str = DEFAULT_OPERATOR_GROUP  # members get full control over the socket
     http: tuple[str, int] | None = None  # optional TCP listener (host, port) for the dashboard; loopback only
@@ -66,6 +70,8 @@ _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "heartbeat": (int, float),
     "ttl": (int, float),
     "stop_timeout": (int, float),
+    "hang_timeout": (int, float),
+    "crashloop_cooldown": (int, float),
     "host": dict,
     "operator_group": str,
     "http": str,
@@ -144,7 +150,10 @@ def build_config(cli: dict[str, Any]) -> DaemonConfig:
     heartbeat = float(pick("heartbeat") or 30.0)
     ttl = float(pick("ttl") or 3 * heartbeat)
     stop_timeout = float(pick("stop_timeout") or DaemonConfig.stop_timeout_s)
-    for name, value in (("heartbeat", heartbeat), ("ttl", ttl), ("stop_timeout", stop_timeout)):
+    hang_timeout = float(pick("hang_timeout") or DaemonConfig.hang_timeout_s)
+    cooldown = float(pick("crashloop_cooldown") or DaemonConfig.crashloop_cooldown_s)
+    for name, value in (("heartbeat", heartbeat), ("ttl", ttl), ("stop_timeout", stop_timeout),
+                        ("hang_timeout", hang_timeout), ("crashloop_cooldown", cooldown)):
         if not value > 0:
             raise ConfigError(f"{name} must be > 0 seconds, got {value}")
     if ttl < heartbeat:
@@ -170,6 +179,8 @@ def build_config(cli: dict[str, Any]) -> DaemonConfig:
         heartbeat_s=heartbeat,
         ttl_s=ttl,
         stop_timeout_s=stop_timeout,
+        hang_timeout_s=hang_timeout,
+        crashloop_cooldown_s=cooldown,
         host_defaults=host_defaults,
         operator_group=operator_group,
         http=parse_http_address(http) if http else None,

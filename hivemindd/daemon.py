@@ -49,7 +49,7 @@ from hivemindd.state import (
     save_state,
     write_atomic,
 )
-from hivemindd.supervisor import PauseChange, Supervisor
+from hivemindd.supervisor import PauseChange, RestartPolicy, Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -116,6 +116,8 @@ class Daemon:
         self.trainer_log = TrainerLog(self.paths.trainer_log)
         self.supervisor = Supervisor(
             ProcessSpawner(PidFile(self.paths.pid_file)), self.trainer_log, stop_timeout_s=self.cfg.stop_timeout_s,
+            hang_timeout_s=self.cfg.hang_timeout_s,
+            policy=RestartPolicy(crashloop_cooldown_s=self.cfg.crashloop_cooldown_s),
             on_pause_change=self._pause_changed,
         )
         self._tasks = [
@@ -436,6 +438,11 @@ async def serve(cfg: DaemonConfig) -> None:
 @click.option("--heartbeat", type=float, help="Seconds between discovery refreshes. [30]")
 @click.option("--ttl", type=float, help="Seconds after which a silent peer is ignored. [3 heartbeats]")
 @click.option("--stop-timeout", type=float, help="Seconds the trainer gets to checkpoint and leave on stop before SIGKILL. [150]")
+@click.option("--hang-timeout", type=float,
+              help="Seconds without any progress from the trainer before it is taken for hung and restarted. [900]")
+@click.option("--crashloop-cooldown", type=float,
+              help="Seconds before a trainer parked in crashloop is tried again (joining or resuming retries at once). "
+                   "[300]")
 @click.option("--log-format", type=click.Choice(["console", "json"]), help="Daemon log format. [console]")
 @click.option("--operator-group", help="Members of this group may control the daemon; other users only read status. [hivemind]")
 @click.option("--http", help="Also serve the API on this loopback HOST:PORT, with the bearer token in <state-dir>/http.token.")

@@ -133,6 +133,7 @@ class Supervisor:
         *,
         policy: RestartPolicy = RestartPolicy(),
         stop_timeout_s: float = 150.0,
+        hang_timeout_s: float = 900.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
@@ -142,6 +143,9 @@ class Supervisor:
         self._log = trainer_log
         self._tracker = RestartTracker(policy)
         self._stop_timeout_s = stop_timeout_s
+        self._hang_timeout_s = hang_timeout_s  # no event from the trainer for this long: it is hung
+        self._last_event_at = 0.0
+        self._stopping: asyncio.Future[None] | None = None
         self._clock = clock
         self._wall_clock = wall_clock
         self._rand = rand
@@ -246,6 +250,8 @@ class Supervisor:
     async def shutdown(self) -> None:
         """Stop the trainer (checkpoint on SIGTERM) and leave it stopped."""
         self.want(None, None, False)
+        if self._stopping is not None and not self._stopping.done():
+            await asyncio.shield(self._stopping)  # the loop is already stopping it
         if self._handle is not None:
             await self._stop_trainer("daemon shutting down")
 
@@ -256,6 +262,7 @@ class Supervisor:
         self.transition(S.STARTING, reason)
         self._started_at = self._clock()  # a failed spawn must count as a fast failure too
         self._checkpointed = False  # this run saved progress (see RestartTracker.record_exit)
+        self._last_event_at = self._clock()
         try:
             launch = factory()
             handle = await self._spawner.spawn(launch, self._on_event, self._log.write)
@@ -305,6 +312,8 @@ class Supervisor:
 
     async def _watch_trainer(self, timeout: float | None = None) -> None:
         assert self._handle is not None
+        hang_in = self._last_event_at + self._hang_timeout_s - self._clock()
+        timeout = max(0.0, hang_in if timeout is None else min(timeout, hang_in))
         exit_task = asyncio.ensure_future(self._handle.wait())
         change_task = asyncio.ensure_future(self._changed.wait())
         try:
@@ -315,8 +324,29 @@ class Supervisor:
                 exit_task.cancel()
         if exit_task.done() and not exit_task.cancelled():
             self._after_failure(exit_task.result())
+        elif self._clock() - self._last_event_at >= self._hang_timeout_s:
+            await self._end_hung_trainer()
+
+    async def _end_hung_trainer(self) -> None:
+        """No event (progress, checkpoint …) for hang_timeout: kill the group and restart like after a crash."""
+        assert self._handle is not None
+        handle = self._handle
+        silent = self._clock() - self._last_event_at
+        log.warning("trainer.hung", pid=handle.pid, silent_s=round(silent))
+        self._log.note(f"trainer sent nothing for {silent:.0f} s (hang_timeout {self._hang_timeout_s:.0f} s): "
+                       "killing it")
+        handle.kill()
+        code = await handle.wait()
+        self.last_error = f"trainer hung: no progress for {silent:.0f} s (hang_timeout); killed and restarted"
+        self._after_failure(code)
 
     async def _stop_trainer(self, reason: str) -> None:
+        """Stop the trainer; a second caller (shutdown while the loop stops it) waits for the same stop."""
+        if self._stopping is None or self._stopping.done():
+            self._stopping = asyncio.ensure_future(self._stop_trainer_once(reason))
+        await asyncio.shield(self._stopping)
+
+    async def _stop_trainer_once(self, reason: str) -> None:
         assert self._handle is not None
         handle = self._handle
         self.transition(S.STOPPING, reason)
@@ -358,6 +388,7 @@ class Supervisor:
                 await self._changed.wait()
 
     def _on_event(self, event: dict[str, Any]) -> None:
+        self._last_event_at = self._clock()
         kind = event["type"]
         fields: dict[str, Any] = {k: event[k] for k in _REPORTED if k in event}
         self.info.update(fields)

@@ -93,12 +93,12 @@ async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def with_supervisor(test: Callable[[Supervisor, FakeSpawner], Awaitable[None]], tmp_path: Path,
-                    **policy: float) -> None:
+                    hang_timeout_s: float = 900.0, **policy: float) -> None:
     async def main() -> None:
         spawner = FakeSpawner()
         fast = RestartPolicy(**{"base_delay_s": 0.01, "max_delay_s": 0.05, "crashloop_cooldown_s": 0.2, **policy})
         trainer_log = TrainerLog(tmp_path / "t.log")
-        sup = Supervisor(spawner, trainer_log, policy=fast, stop_timeout_s=0.2)
+        sup = Supervisor(spawner, trainer_log, policy=fast, stop_timeout_s=0.2, hang_timeout_s=hang_timeout_s)
         task = asyncio.create_task(sup.run())
         try:
             await test(sup, spawner)
@@ -169,6 +169,34 @@ def test_trainer_ignoring_sigterm_is_killed_after_the_stop_timeout(tmp_path: Pat
         sup.want(None, None, paused=False)
         await until(lambda: sup.state is S.STOPPED)
         assert spawner.handles[0].signals == ["TERM", "KILL"]
+    with_supervisor(scenario, tmp_path)
+
+
+def test_a_silent_trainer_is_killed_restarted_and_reported(tmp_path: Path) -> None:
+    async def scenario(sup: Supervisor, spawner: FakeSpawner) -> None:
+        sup.want("demo", launch, paused=False)
+        await until(lambda: len(spawner.handles) == 1)
+        spawner.on_event({"type": "started", "peer_id": "Qm1"})
+        for step in range(3):  # events keep it alive well past one hang_timeout
+            await asyncio.sleep(0.1)
+            spawner.on_event({"type": "progress", "step": step})
+        assert spawner.handles[0].signals == []
+        await until(lambda: len(spawner.handles) == 2)  # then silence: killed and restarted
+        assert spawner.handles[0].signals == ["KILL"]
+        assert sup.restarts == 1 and "hung" in (sup.snapshot()["last_error"] or "")
+        assert any("sent nothing for" in line for line in sup._log.tail(20))  # in the trainer log, for hmctl logs
+    with_supervisor(scenario, tmp_path, hang_timeout_s=0.25)
+
+
+def test_shutdown_while_the_loop_stops_the_trainer_stops_it_once(tmp_path: Path) -> None:
+    async def scenario(sup: Supervisor, spawner: FakeSpawner) -> None:
+        spawner.obeys_sigterm = False
+        sup.want("demo", launch, paused=False)
+        await until(lambda: len(spawner.handles) == 1)
+        sup.want("demo", launch, paused=True)  # the loop starts stopping it …
+        await until(lambda: sup.state is S.STOPPING)
+        await sup.shutdown()  # … and the daemon shuts down meanwhile
+        assert spawner.handles[0].signals == ["TERM", "KILL"]  # one stop, one kill at its timeout
     with_supervisor(scenario, tmp_path)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -193,3 +194,63 @@ def test_pause_resume_twenty_times_leaks_nothing(daemon: DaemonProcess) -> None:
     trainers = [p for p in daemon_proc.children(recursive=True) if "hivemindd.trainer" in " ".join(p.cmdline())]
     assert trainers == []
     assert daemon_proc.num_fds() <= fds_before + 2, "the daemon leaks file descriptors across pause/resume"
+
+
+def other_daemon(short_tmp: Path, *extra: str) -> DaemonProcess:
+    """A daemon with non-default settings, for the tests that need them (reaped by the caller)."""
+    (short_tmp / "discovery").mkdir(exist_ok=True)
+    (short_tmp / "run.toml").write_text(FAST_SPEC)
+    return DaemonProcess(short_tmp / "d", short_tmp / "discovery", *extra)
+
+
+@pytest.mark.timeout(300)
+def test_a_trainer_that_cannot_start_crashloops_without_spinning_and_recovers_once_fixed(
+        short_tmp: Path, demo_cache: Path) -> None:
+    from hivemindd.trainer.demo_data import ensure_demo_shards
+
+    cooldown = 12.0
+    daemon = other_daemon(short_tmp, "--crashloop-cooldown", str(cooldown))
+    try:
+        daemon.start()
+        data = short_tmp / "data"  # not there yet: the owner has not copied the shards
+        spec = daemon.state_dir.parent / "run.toml"
+        spec.write_text(FAST_SPEC.replace('"demo://shapes/train"', f'"{data}/train-{{00000..00007}}.tar"'))
+        join(daemon)
+        parked = wait_until(lambda: (t := daemon.trainer())["state"] == "crashloop" and t, 120, "crashloop")
+        assert "data.train" in parked["last_error"] and "no shards match" in parked["last_error"]
+        assert parked["retry_in_s"] is not None and parked["retry_in_s"] <= cooldown
+        hm = daemon.hmctl("status")
+        assert "crashloop" in hm.stdout and "no shards match" in hm.stdout, hm.stdout
+
+        # No busy loop: over 30 s a parked trainer is tried at most once per cooldown.
+        started = time.monotonic()
+        spawned_before = _spawns(daemon)
+        wait_until(lambda: time.monotonic() - started > 30, 40, "30 s to pass", interval=1.0)
+        assert _spawns(daemon) - spawned_before <= 30 / cooldown + 1
+
+        shutil.copytree(Path(ensure_demo_shards(demo_cache).train).parent, data)  # the owner fixes the cause
+        back = wait_until(lambda: running(daemon, 1), 120, "the trainer to recover by itself")
+        assert back["last_error"] is None
+    finally:
+        daemon.reap()
+
+
+def _spawns(daemon: DaemonProcess) -> int:
+    return (daemon.state_dir / "daemon.log").read_text(errors="replace").count("trainer.spawned")
+
+
+@pytest.mark.timeout(300)
+def test_a_hung_trainer_is_killed_restarted_and_reported(short_tmp: Path) -> None:
+    daemon = other_daemon(short_tmp, "--hang-timeout", "6")
+    try:
+        daemon.start()
+        join(daemon)
+        before = wait_until(lambda: running(daemon, 1), 180, "the trainer to take steps")
+        os.kill(before["pid"], signal.SIGSTOP)  # frozen: alive, but sends nothing
+        after = wait_until(lambda: (t := running(daemon)) and t["pid"] != before["pid"] and t, 120,
+                           "the hung trainer to be replaced")
+        assert after["restarts"] == before["restarts"] + 1
+        assert "sent nothing for 6 s" in (daemon.state_dir / "logs" / "trainer.log").read_text()  # hmctl logs shows it
+        assert not psutil.pid_exists(before["pid"]) or psutil.Process(before["pid"]).status() == psutil.STATUS_ZOMBIE
+    finally:
+        daemon.reap()
