@@ -50,14 +50,23 @@ class LoadedCheckpoint:
 
 
 def save_checkpoint(directory: Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` as the new ``latest.pt``, keeping the old one as ``previous.pt``."""
+    """Write ``payload`` as the new ``latest.pt``, keeping the old one as ``previous.pt``.
+
+    A write the disk refuses raises that OSError (ENOSPC, EFBIG …) with no file changed.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(directory)
     fd, tmp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=directory)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
+            watched = _WriteWatch(f)
+            try:
+                torch.save({"format": FORMAT, **payload}, watched)
+            except RuntimeError as exc:
+                if watched.error is not None:  # torch reports a failed write as a RuntimeError ("unexpected pos")
+                    raise watched.error from exc
+                raise
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
@@ -70,6 +79,24 @@ def save_checkpoint(directory: Path, payload: dict[str, Any]) -> Path:
     os.replace(tmp, latest)
     _fsync_dir(directory)
     return latest
+
+
+class _WriteWatch:
+    """A file wrapper that remembers the first OSError of a write (ENOSPC, EFBIG, EIO) for the caller."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return int(self._file.write(data))
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
 
 
 def keep_as(directory: Path, name: str) -> Path:
