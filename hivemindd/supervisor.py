@@ -47,8 +47,8 @@ S = TrainerState
 _EDGES: dict[TrainerState, set[TrainerState]] = {
     S.STOPPED: {S.STARTING, S.PAUSED},  # joined a run / joined while paused (daemon start)
     S.PAUSED: {S.STARTING, S.STOPPED},  # resume / leave
-    S.STARTING: {S.RUNNING, S.STOPPING, S.BACKOFF, S.CRASHLOOP},  # ready / asked to stop / died early
-    S.RUNNING: {S.STOPPING, S.BACKOFF, S.CRASHLOOP},  # asked to stop / died
+    S.STARTING: {S.RUNNING, S.STOPPING, S.BACKOFF, S.CRASHLOOP, S.STOPPED},  # … / run already finished
+    S.RUNNING: {S.STOPPING, S.BACKOFF, S.CRASHLOOP, S.STOPPED},  # asked to stop / died / run finished
     S.STOPPING: {S.STOPPED, S.PAUSED},  # exited after SIGTERM (or SIGKILL past the timeout)
     S.BACKOFF: {S.STARTING, S.STOPPED, S.PAUSED},  # delay over / leave / pause
     S.CRASHLOOP: {S.STARTING, S.STOPPED, S.PAUSED},  # cooldown over or user action / leave / pause
@@ -159,6 +159,7 @@ class Supervisor:
         self._handle_key: str | None = None
         self._started_at = 0.0
         self._checkpointed = False
+        self._finished_key: str | None = None  # a run whose trainer said "finished" ([run] max_epochs): not restarted
         self._stop_requested = False
         self.restarts = 0
         self.info: dict[str, Any] = {}  # what the trainer reported: step, epoch, loss …
@@ -175,6 +176,8 @@ class Supervisor:
         """
         if key != self._desired.key:
             self.info = {}
+        if user_action or key != self._desired.key:
+            self._finished_key = None  # rejoining a finished run asks the trainer again (it says "finished" at once)
         self._desired = Desired(key, factory, paused, until if paused else None, paused and after_checkpoint)
         if user_action:
             self._tracker.reset()
@@ -200,6 +203,8 @@ class Supervisor:
             "shards_failed": self.info.get("shards_failed"),
             "resumed_from": self.info.get("resumed_from"),
             "trainer_peer_id": self.info.get("peer_id"),
+            "last_warning": self.info.get("last_warning"),
+            "finished": self.info.get("finished"),  # final.pt of a run that reached [run] max_epochs
         }
 
     def error_lines(self, n: int = 20) -> list[str]:
@@ -239,6 +244,9 @@ class Supervisor:
                 self.transition(S.PAUSED, "paused by the owner")
                 await self._wait_changed(self._pause_wait_s())
                 continue
+            elif desired.key == self._finished_key:
+                self._retry_at = None
+                self.transition(S.STOPPED, "the run is finished ([run] max_epochs reached)")
             elif self._retry_at is not None and self._clock() < self._retry_at:
                 await self._wait_changed(self._retry_at - self._clock())
                 continue
@@ -366,6 +374,11 @@ class Supervisor:
 
     def _after_failure(self, code: int | None) -> None:
         """The trainer died (or never started): back off, or park it in crashloop."""
+        if code == 0 and self.info.get("finished"):  # it ended the run as the spec says: not a failure
+            self._finished_key, self.last_exit_code = self._handle_key, code
+            self._handle = self._handle_key = None
+            self.transition(S.STOPPED, "the run is finished ([run] max_epochs reached)")
+            return
         self._handle = self._handle_key = None
         self.last_exit_code = code
         if code is not None and self.last_error is None:
@@ -413,3 +426,7 @@ class Supervisor:
                 self._pause_took_effect()  # wakes the loop, which stops the trainer
         elif kind == "error":
             self.last_error = str(event.get("message", ""))[:2000]
+        elif kind == "warning":  # e.g. a corrupt latest.pt or a checkpoint the disk refused; training goes on
+            self.info["last_warning"] = str(event.get("message", ""))[:2000]
+        elif kind == "finished":
+            self.info["finished"] = event.get("path")
