@@ -20,15 +20,19 @@ import structlog
 from aiohttp import web
 
 from hivemindd.auth import Access, Authorizer, PeerCredentials, identity_check_available, peer_credentials
+from hivemindd.dashboard import pages
 from hivemindd.protocol import (
     MAX_BODY_BYTES,
+    MAX_IMAGE_BYTES,
     ROUTES,
+    HistoryQuery,
     JoinRequest,
+    LogQuery,
     PauseRequest,
     RequestError,
     parse_empty,
-    parse_log_query,
     parse_no_query,
+    parse_predict_query,
 )
 
 log = structlog.get_logger(__name__)
@@ -55,7 +59,11 @@ class Controller(Protocol):
     async def leave(self) -> dict[str, Any]: ...
     async def pause(self, request: PauseRequest) -> dict[str, Any]: ...
     async def resume(self) -> dict[str, Any]: ...
-    def logs(self, n: int, after: int | None) -> dict[str, Any]: ...
+    def logs(self, query: LogQuery) -> dict[str, Any]: ...
+    def swarm(self) -> dict[str, Any]: ...
+    def history(self, query: HistoryQuery) -> dict[str, Any]: ...
+    def metrics(self) -> dict[str, Any]: ...
+    async def predict(self, image: bytes, checkpoint: str, top: int) -> dict[str, Any]: ...
 
 
 def peer_guard(authorizer: Authorizer) -> Guard:
@@ -81,16 +89,32 @@ def peer_guard(authorizer: Authorizer) -> Guard:
 
 
 def token_guard(token: str, token_file: str) -> Guard:
-    """Loopback TCP: a bearer token (compared in constant time) gives full control; nothing else gets in."""
+    """Loopback TCP: a bearer token (compared in constant time) gives full control; nothing else gets in.
+
+    The dashboard's browser carries the token in a cookie instead (set by ``GET /?token=…``).
+    A browser attaches that cookie to requests other pages on this machine make too
+    (another port on 127.0.0.1 is the same site), so on its own the cookie only reads;
+    control also needs the ``X-Hivemindd-Dashboard`` header, which a cross-origin page
+    cannot send without a CORS preflight that this server never grants.
+    """
     expected = f"Bearer {token}".encode()
+    secret = token.encode()
 
     def guard(request: web.Request) -> Grant:
         given = request.headers.get("Authorization", "").encode(errors="replace")
-        if not hmac.compare_digest(given, expected):
-            what = "a wrong" if given else "no"
-            raise RequestError(f"{what} bearer token: send `Authorization: Bearer <token>` with the token in "
-                               f"{token_file}", status=401, code="unauthorized")
-        return Grant(Access.FULL)
+        if given and hmac.compare_digest(given, expected):
+            return Grant(Access.FULL)
+        cookie = request.cookies.get(pages.COOKIE, "").encode(errors="replace")
+        if not given and cookie and hmac.compare_digest(cookie, secret):
+            same_origin = request.headers.get(pages.CONTROL_HEADER) == "1"
+            return Grant(Access.FULL if same_origin else Access.READ,
+                         f"the dashboard cookie alone only reads; send the {pages.CONTROL_HEADER}: 1 header "
+                         "or the bearer token")
+        if not given and request.path == "/" and "token" in request.query:
+            return Grant(Access.READ)  # the index handler checks it and trades it for the cookie
+        what = "a wrong" if given else "no"
+        raise RequestError(f"{what} bearer token: send `Authorization: Bearer <token>` with the token in "
+                           f"{token_file} (in a browser: open /?token=<token> once)", status=401, code="unauthorized")
 
     return guard
 
@@ -143,7 +167,19 @@ def _error_middleware(guard: Guard) -> Any:
     return middleware
 
 
-def build_app(daemon: Controller, guard: Guard) -> web.Application:
+async def _read_image(request: web.Request) -> bytes:
+    """The raw request body, at most MAX_IMAGE_BYTES."""
+    limit = MAX_IMAGE_BYTES
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestError(f"image over {limit >> 20} MiB", status=413, code="too_large")
+    raw = await request.content.read(limit + 1) if request.can_read_body else b""
+    if len(raw) > limit:
+        raise RequestError(f"image over {limit >> 20} MiB", status=413, code="too_large")
+    return raw
+
+
+def build_app(daemon: Controller, guard: Guard, token: str | None = None) -> web.Application:
+    """The API, the dashboard page and /metrics; ``token`` (TCP only) lets ``GET /?token=`` set the cookie."""
     async def status(request: web.Request) -> web.Response:
         parse_no_query(dict(request.query))
         return _json(daemon.status())
@@ -168,14 +204,34 @@ def build_app(daemon: Controller, guard: Guard) -> web.Application:
         return handler
 
     async def logs(request: web.Request) -> web.Response:
-        n, after = parse_log_query(dict(request.query))
-        return _json(daemon.logs(n, after))
+        return _json(daemon.logs(LogQuery.parse(dict(request.query))))
+
+    async def swarm(request: web.Request) -> web.Response:
+        parse_no_query(dict(request.query))
+        return _json(daemon.swarm())
+
+    async def history(request: web.Request) -> web.Response:
+        return _json(daemon.history(HistoryQuery.parse(dict(request.query))))
+
+    async def metrics(request: web.Request) -> web.Response:
+        parse_no_query(dict(request.query))
+        from hivemindd.metrics_export import CONTENT_TYPE, render  # prometheus-client: only when scraped
+
+        response = web.Response(body=render(daemon.metrics()))
+        response.headers["Content-Type"] = CONTENT_TYPE
+        return response
+
+    async def predict(request: web.Request) -> web.Response:
+        checkpoint, top = parse_predict_query(dict(request.query))
+        return _json(await daemon.predict(await _read_image(request), checkpoint, top))
 
     app = web.Application(middlewares=[_error_middleware(guard)], client_max_size=MAX_BODY_BYTES)
     handlers: dict[str, Handler] = {
         "status": status, "peers": peers, "join": join, "logs": logs, "pause": pause,
         "leave": simple(daemon.leave), "resume": simple(daemon.resume),
+        "swarm": swarm, "history": history, "metrics": metrics, "predict": predict,
     }
     for name, route in ROUTES.items():
         app.router.add_route(route.method, route.path, handlers[name], name=name)
+    pages.add_routes(app, token)
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 from datetime import datetime
@@ -156,14 +157,51 @@ def _with_json(ctx: click.Context, json_output: bool) -> None:
 
 
 @main.command()
+@click.option("--swarm", "swarm_view", is_flag=True, help="Every live peer of the run (from the DHT) and swarm totals.")
 @json_option
 @click.pass_context
-def status(ctx: click.Context, json_output: bool) -> None:
+def status(ctx: click.Context, swarm_view: bool, json_output: bool) -> None:
     """This host: peer id, run, trainer state and progress, peers, discovery."""
     _with_json(ctx, json_output)
     client: Client = ctx.obj
+    if swarm_view:
+        view = client.act("swarm")
+        client.show(view, render_swarm(view))
+        return
     st = client.act("status")
     client.show(st, render_status(st))
+
+
+def _fmt(value: Any, spec: str, none: str = "-") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else none
+
+
+def render_swarm(view: dict[str, Any]) -> str:
+    """The swarm table and its totals, for ``hmctl status --swarm``."""
+    if view.get("run_id") is None:
+        return "not in a run (hmctl join --run-id ID): no swarm to show"
+    rows = [f"{'HOST':<18} {'PEER':<14} {'DOING':<14} {'STEP':>7} {'EPOCH':>6} {'SAMPLES/S':>9} {'LOSS':>7} "
+            f"{'VAL TOP-1':>9} {'DEVICE':<8} SEEN"]
+    for p in view["peers"]:
+        top1 = p.get("best_val_top1") if p.get("best_val_top1") is not None else p.get("val_top1")
+        rows.append(f"{p['hostname'][:18]:<18} {p['peer_id'][:12] + '…':<14} {p['activity']:<14} "
+                    f"{_fmt(p.get('step'), 'd'):>7} {_fmt(p.get('epoch'), 'd'):>6} {_fmt(p.get('samples_per_s'), '.1f'):>9} "
+                    f"{_fmt(p.get('loss'), '.4f'):>7} {_fmt(None if top1 is None else 100 * top1, '.1f') + '%':>9} "
+                    f"{(p.get('device') or '-'):<8} {_duration(p['age_s'])} ago")
+    t = view["totals"]
+    done = t.get("dataset_epochs")
+    goal = f" of {t['last_milestone']:g} (last milestone)" if t.get("last_milestone") is not None else ""
+    eta = f", ETA {_duration(t['eta_s'])}" if t.get("eta_s") else ""
+    best = t.get("best_val_top1")
+    rows += [
+        "",
+        f"run {view['run_id']}: {t['training']} of {t['peers']} peer(s) training, {t['samples_per_s']:.1f} samples/s",
+        f"global epoch {_fmt(t.get('global_epoch'), 'd')}  dataset epochs {_fmt(done, '.2f')}{goal}{eta}",
+        f"best val top-1 {_fmt(None if best is None else 100 * best, '.1f')}%",
+    ]
+    if view.get("error"):
+        rows.append(f"(the DHT did not answer the last read: {view['error']}; showing the previous one)")
+    return "\n".join(rows)
 
 
 def render_status(st: dict[str, Any]) -> str:
@@ -233,9 +271,9 @@ def peers(ctx: click.Context, json_output: bool) -> None:
     _with_json(ctx, json_output)
     client: Client = ctx.obj
     found = client.act("peers")
-    rows = [f"{'PEER ID':<54} {'AGE':>6}  {'STATE':<10} {'HOST':<20} ADDRESS"]
+    rows = [f"{'PEER ID':<54} {'AGE':>6}  {'DOING':<14} {'STATE':<10} {'HOST':<20} ADDRESS"]
     for p in found:
-        rows.append(f"{p['peer_id']:<54} {p['age_s']:>5.0f}s  {p.get('state') or '-':<10} "
+        rows.append(f"{p['peer_id']:<54} {p['age_s']:>5.0f}s  {p.get('activity') or '-':<14} {p.get('state') or '-':<10} "
                     f"{p.get('hostname') or '-':<20} {p['maddrs'][0] if p['maddrs'] else '-'}")
     client.show(found, "\n".join(rows) if found else "no fresh peers yet (they appear within one heartbeat)")
 
@@ -303,31 +341,119 @@ _simple("resume", "Resume training from the latest checkpoint.", "resumed run {r
 @main.command()
 @click.option("-n", "lines", type=click.IntRange(1, 10_000), default=50, show_default=True, help="Lines to show.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
-@click.option("--json", "json_output", is_flag=True, help="Print JSON ({lines, next}; with -f one object a poll).")
+@click.option("--since", metavar="WHEN", help="Only lines from this long ago (10m, 1h30m) or since a time "
+              "(2025-01-31T14:05, 14:05).")
+@click.option("--trainer", "only_trainer", is_flag=True, help="Only the trainer's log.")
+@click.option("--daemon", "only_daemon", is_flag=True, help="Only the daemon's own log lines.")
+@click.option("--json", "json_output", is_flag=True, help="Print JSON ({lines, entries, next}; with -f one object a poll).")
 @click.pass_obj
-def logs(client: Client, lines: int, follow: bool, json_output: bool) -> None:
-    """The trainer's log (its output plus the daemon's notes on starts and exits)."""
+def logs(client: Client, lines: int, follow: bool, since: str | None, only_trainer: bool, only_daemon: bool,
+         json_output: bool) -> None:
+    """The trainer's log (its output plus the daemon's notes on starts and exits) and the daemon's own lines."""
+    if only_trainer and only_daemon:
+        raise click.UsageError("--trainer and --daemon exclude each other (give neither for both)")
+    source = "trainer" if only_trainer else "daemon" if only_daemon else "all"
+    base = f"source={source}"
+    if since is not None:
+        try:
+            base += f"&since={since_time(since):.3f}"
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--since'") from None
+
     def emit(result: dict[str, Any]) -> None:
         if json_output:
             click.echo(json.dumps(result))
-        else:
-            for line in result["lines"]:
-                click.echo(line)
+            return
+        for entry in result.get("entries") or [{"source": "trainer", "line": line} for line in result["lines"]]:
+            prefix = "[daemon] " if source == "all" and entry["source"] == "daemon" else ""
+            click.echo(prefix + entry["line"])
 
-    result = _logs(client, f"n={lines}")
+    result = _logs(client, f"{base}&n={lines}")
     emit(result)
     if not follow:
         return
-    after = result["next"]
+    after, after_daemon = result["next"], result.get("next_daemon", 0)
     try:
         while True:
             time.sleep(0.5)  # polling interval of follow mode
-            result = _logs(client, f"n=1000&after={after}")
+            result = _logs(client, f"{base}&n=1000&after={after}&after_daemon={after_daemon}")
             if result["lines"]:
                 emit(result)
-            after = result["next"]
+            after, after_daemon = result["next"], result.get("next_daemon", after_daemon)
     except KeyboardInterrupt:
         pass
+
+
+def since_time(text: str, now: float | None = None) -> float:
+    """Unix time of ``--since``: a duration back from now (10m, 1h30m, 2d) or a local date/time."""
+    now = time.time() if now is None else now
+    try:
+        return now - parse_duration(text, "--since")
+    except RequestError:
+        pass
+    try:
+        if len(text) <= 5 and ":" in text:  # HH:MM today
+            clock = datetime.strptime(text, "%H:%M")
+            moment = datetime.fromtimestamp(now).replace(hour=clock.hour, minute=clock.minute, second=0, microsecond=0)
+        else:
+            moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a duration (10m, 1h30m, 2d) nor a time (2025-01-31T14:05, 14:05)") from None
+    return moment.timestamp()
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--checkpoint", default="best", show_default=True, metavar="best|latest|final|PATH",
+              help="Which checkpoint of the run (best falls back to latest before the first validation).")
+@click.option("--top", type=click.IntRange(1, 100), default=5, show_default=True, help="Classes to show per image.")
+@json_option
+@click.pass_context
+def predict(ctx: click.Context, images: tuple[Path, ...], checkpoint: str, top: int, json_output: bool) -> None:
+    """Classify images with this host's checkpoint of the run (in a subprocess: hmctl itself stays light)."""
+    _with_json(ctx, json_output)
+    client: Client = ctx.obj
+    st = client.act("status")
+    if st["run_id"] is None and checkpoint in ("best", "latest", "final"):
+        fail("this host is not in a run: pass --checkpoint PATH, or join a run first", EX_FAILURE)
+    run_dir = Path(st["state_dir"]) / "runs" / (st["run_id"] or "")
+    command = [sys.executable, "-m", "hivemindd.predict", "--run-dir", str(run_dir), "--checkpoint", checkpoint,
+               "--top", str(top), *map(str, images)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        fail((done.stderr.strip().splitlines() or [f"predict exited with {done.returncode}"])[-1].removeprefix("predict: "),
+             EX_FAILURE)
+    result = json.loads(done.stdout)
+    client.show(result, render_prediction(result))
+
+
+def render_prediction(result: dict[str, Any]) -> str:
+    lines = [f"checkpoint {result['checkpoint']} (step {result.get('step')}, {result.get('arch')})"]
+    for item in result["results"]:
+        lines.append(f"{item['image']}:")
+        if "error" in item:
+            lines.append(f"  {item['error']}")
+            continue
+        for c in item["top"]:
+            name = c.get("label") or c.get("name") or f"class {c['index']}"
+            synset = f" ({c['synset']})" if c.get("synset") else ""
+            lines.append(f"  {100 * c['probability']:6.2f}%  {name}{synset}  [#{c['index']}]")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.pass_obj
+def dashboard(client: Client) -> None:
+    """Print the dashboard's address (needs the daemon's --http listener), with its token when readable."""
+    st = client.act("status")
+    if not st.get("http"):
+        fail("the daemon serves no loopback HTTP listener: start it with --http 127.0.0.1:PORT (or set http in its "
+             "config), then open the address this prints", EX_FAILURE)
+    url, token_file = st["http"]["url"], Path(st["http"]["token_file"])
+    try:
+        click.echo(f"{url}/?token={token_file.read_text().strip()}")
+    except OSError:
+        click.echo(f"{url}/?token=<the token in {token_file}, readable by the daemon's user>")
 
 
 def _logs(client: Client, query: str) -> Any:

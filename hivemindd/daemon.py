@@ -35,10 +35,11 @@ from hivemindd.dht import HostDHT, end_stale_dht
 from hivemindd.discovery import DiscoveryError, PeerRecord, open_backend
 from hivemindd.discovery.agent import DiscoveryAgent
 from hivemindd.launch import HostSettings, TrainerLaunch
-from hivemindd.logfile import TrainerLog
+from hivemindd.logfile import DaemonLogRing, TrainerLog
 from hivemindd.notify import Notifier, ServiceHeartbeat, status_line
+from hivemindd.observer import Observer
 from hivemindd.process import PidFile, ProcessSpawner
-from hivemindd.protocol import JoinRequest, PauseRequest, RequestError
+from hivemindd.protocol import HistoryQuery, JoinRequest, LogQuery, PauseRequest, RequestError
 from hivemindd.spec import RunSpec, SpecError, parse_json, parse_toml
 from hivemindd.state import (
     DesiredState,
@@ -50,10 +51,12 @@ from hivemindd.state import (
     write_atomic,
 )
 from hivemindd.supervisor import PauseChange, RestartPolicy, Supervisor
+from hivemindd.swarm_view import SwarmView, activity
 
 log = structlog.get_logger(__name__)
 
 MAX_BOOTSTRAP_PEERS = 8
+DAEMON_LOG: DaemonLogRing | None = None  # set by configure_logging: the daemon's own lines, for the API
 
 
 class StartupError(RuntimeError):
@@ -78,6 +81,7 @@ class Daemon:
         self.agent: DiscoveryAgent | None = None
         self.supervisor: Supervisor | None = None
         self.trainer_log: TrainerLog | None = None
+        self.observer: Observer | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -120,9 +124,14 @@ class Daemon:
             policy=RestartPolicy(crashloop_cooldown_s=self.cfg.crashloop_cooldown_s),
             on_pause_change=self._pause_changed,
         )
+        dht = self.dht
+        swarm = SwarmView(dht.store_record, dht.get_records, lambda: self._observer().own_record(),
+                          interval_s=max(1.0, min(5.0, self.cfg.heartbeat_s)))
+        self.observer = Observer(self.paths, self.hostname, lambda: dht.peer_id, self._trainer_view, swarm, DAEMON_LOG)
         self._tasks = [
             asyncio.create_task(self.agent.run(), name="discovery"),
             asyncio.create_task(self.supervisor.run(), name="supervisor"),
+            asyncio.create_task(swarm.run(), name="swarm-view"),
         ]
         await self._serve_api()
         await self._serve_http()
@@ -210,7 +219,7 @@ class Daemon:
             return
         host, port = self.cfg.http
         token = load_or_create_token(self.paths.http_token)
-        app = build_app(self, token_guard(token, str(self.paths.http_token)))
+        app = build_app(self, token_guard(token, str(self.paths.http_token)), token)
         self._http_runner = web.AppRunner(app, access_log=None)
         await self._http_runner.setup()
         site = web.TCPSite(self._http_runner, host, port)
@@ -282,8 +291,36 @@ class Daemon:
         }
 
     def peers(self) -> list[dict[str, Any]]:
+        """Discovery's fresh peers, each with what it is doing (from its DHT progress record when it has one)."""
         assert self.agent is not None
-        return self.agent.peers()
+        found = self.agent.peers()
+        swarm = self._observer().swarm
+        for peer in found:
+            peer["activity"] = swarm.activity_of(peer["peer_id"]) or activity(peer.get("state"), None)
+        return found
+
+    # --- what the dashboard, Prometheus and hmctl status --swarm read (observer.py) ----------
+
+    def _observer(self) -> Observer:
+        assert self.observer is not None
+        return self.observer
+
+    def _trainer_view(self) -> tuple[str | None, dict[str, Any]]:
+        assert self.supervisor is not None
+        return self.desired.run_id, self.supervisor.snapshot() if self.desired.run_id else {"state": "idle"}
+
+    def swarm(self) -> dict[str, Any]:
+        return self._observer().swarm_view()
+
+    def history(self, query: HistoryQuery) -> dict[str, Any]:
+        return self._observer().history(query)
+
+    def metrics(self) -> dict[str, Any]:
+        assert self.agent is not None
+        return self._observer().metrics_snapshot(self.status(), getattr(self.agent, "_failures", 0))
+
+    async def predict(self, image: bytes, checkpoint: str, top: int) -> dict[str, Any]:
+        return await self._observer().predict(image, checkpoint, top)
 
     async def join(self, request: JoinRequest) -> dict[str, Any]:
         assert self.agent is not None
@@ -367,12 +404,9 @@ class Daemon:
         log.info("run.pause_" + change.value, run_id=desired.run_id)
         self._reconcile(user_action=False)
 
-    def logs(self, n: int, after: int | None) -> dict[str, Any]:
+    def logs(self, query: LogQuery) -> dict[str, Any]:
         assert self.trainer_log is not None
-        if after is None:
-            return {"lines": self.trainer_log.tail(n), "next": self.trainer_log.seq}
-        items = self.trainer_log.after(after, n)
-        return {"lines": [line for _, line in items], "next": items[-1][0] if items else max(after, 0)}
+        return self._observer().logs(query, self.trainer_log)
 
     # --- discovery callbacks ----------------------------------------------------------------
 
@@ -400,11 +434,13 @@ def _published(body: bytes, run_id: str) -> RunSpec:
 
 
 def configure_logging(fmt: str) -> None:
+    global DAEMON_LOG
     renderer: Any = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(
         colors=sys.stderr.isatty())
+    DAEMON_LOG = DaemonLogRing(sys.stderr)  # stderr as before (the journal), and a ring for `hmctl logs --daemon`
     structlog.configure(
         processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"), renderer],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(DAEMON_LOG),  # type: ignore[arg-type]
     )
 
 

@@ -148,6 +148,22 @@ class HostDHT:
         answered: list[str] = await asyncio.to_thread(self._dht.run_coroutine, call)
         return answered
 
+    async def store_record(self, key: str, subkey: str, value: dict[str, Any], expiration: float) -> bool:
+        """Store ``value`` under ``key``/``subkey`` until ``expiration`` (unix time); True if some node took it."""
+        if not self.alive:
+            raise RuntimeError("the host DHT is not running")
+        stored = await asyncio.to_thread(self._dht.store, key, value, expiration, subkey=subkey)
+        return bool(stored)
+
+    async def get_records(self, key: str) -> dict[str, Any]:
+        """Every unexpired ``subkey → value`` under ``key`` (a dictionary value, as hivemind's progress tracker uses)."""
+        if not self.alive:
+            raise RuntimeError("the host DHT is not running")
+        found = await asyncio.to_thread(self._dht.get, key, True)  # latest=True: ask beyond the first answer
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        return {str(subkey): item.value for subkey, item in found.value.items()}
+
     def stop(self) -> None:
         if self._dht is not None:
             self._dht.shutdown()

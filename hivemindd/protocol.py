@@ -63,8 +63,20 @@ ROUTES = {
     "pause": Route("POST", f"{PREFIX}/pause", "Stop training but stay joined: body {for?: '1h30m', after_checkpoint?: "
                    "bool}; persisted across restarts, a timed pause ends by itself."),
     "resume": Route("POST", f"{PREFIX}/resume", "End any pause: the trainer restarts from its checkpoint."),
-    "logs": Route("GET", f"{PREFIX}/logs", "Last lines of the trainer log: query n (1..10000), after (line offset)."),
+    "logs": Route("GET", f"{PREFIX}/logs", "Last log lines: query n (1..10000), source (trainer|daemon|all), since "
+                  "(unix time), after / after_daemon (line offsets, for follow mode)."),
+    "swarm": Route("GET", f"{PREFIX}/swarm", "Every live peer of the run from the DHT progress records, plus totals.",
+                   True),
+    "history": Route("GET", f"{PREFIX}/metrics/history", "This host's metrics over time (the run's CSV files), "
+                     "columnar: query since (unix time), run_id.", True),
+    "metrics": Route("GET", "/metrics", "Prometheus text format: trainer, progress, checkpoint age, peers, DHT.", True),
+    "predict": Route("POST", f"{PREFIX}/predict", "Classify one image (raw body, at most 8 MiB) with the run's "
+                     "checkpoint: query checkpoint (best|latest|final), top (1..100)."),
 }
+
+MAX_IMAGE_BYTES = 8 << 20
+CHECKPOINT_NAMES = ("best", "latest", "final")
+LOG_SOURCES = ("trainer", "daemon", "all")
 
 
 class RequestError(ValueError):
@@ -200,28 +212,117 @@ def parse_empty(body: Any) -> None:
 
 
 def parse_no_query(query: dict[str, str]) -> None:
-    """Routes other than logs take no query parameters; a stray one is a typo worth reporting."""
+    """Routes without documented query parameters take none; a stray one is a typo worth reporting."""
     for key in query:
         raise RequestError(f"unknown query parameter {shown(key)} (this endpoint takes none)", field=key[:64])
 
 
 def parse_log_query(query: dict[str, str]) -> tuple[int, int | None]:
-    """``n`` lines (default 100) and an optional ``after`` offset for follow mode."""
-    for key in query:
-        if key not in ("n", "after"):
-            raise RequestError(f"unknown query parameter {shown(key)} (allowed: n, after)", field=key[:64])
+    """``n`` lines (default 100) and an optional ``after`` offset for follow mode (see ``LogQuery``)."""
+    parsed = LogQuery.parse(query)
+    return parsed.n, parsed.after
+
+
+def _query_int(query: dict[str, str], key: str, lowest: int, highest: int | None = None) -> int | None:
+    if key not in query:
+        return None
     try:
-        n = int(query.get("n", "100"))
+        value = int(query[key])
     except ValueError:
-        raise RequestError(f"n must be an integer, got {shown(query['n'])}", field="n") from None
-    if not 1 <= n <= MAX_LOG_LINES:
-        raise RequestError(f"n must be in 1..{MAX_LOG_LINES}, got {n}", field="n")
-    after = None
-    if "after" in query:
-        try:
-            after = int(query["after"])
-        except ValueError:
-            raise RequestError(f"after must be an integer, got {shown(query['after'])}", field="after") from None
-        if after < 0:
-            raise RequestError("after must be >= 0", field="after")
-    return n, after
+        raise RequestError(f"{key} must be an integer, got {shown(query[key])}", field=key) from None
+    if value < lowest:
+        raise RequestError(f"{key} must be >= {lowest}", field=key)
+    if highest is not None and value > highest:
+        raise RequestError(f"{key} must be in {lowest}..{highest}, got {value}", field=key)
+    return value
+
+
+def _query_time(query: dict[str, str], key: str) -> float | None:
+    if key not in query:
+        return None
+    try:
+        value = float(query[key])
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1e11:  # also refuses nan and inf
+        raise RequestError(f"{key} must be a unix time in seconds, got {shown(query[key])}", field=key)
+    return value
+
+
+@dataclass(frozen=True)
+class LogQuery:
+    """``n`` lines (default 100) of ``source``; ``after``/``after_daemon`` continue a follow; ``since`` cuts by time.
+
+    The trainer's log and the daemon's own log lines are numbered separately, so a
+    follower keeps one offset for each (``next`` and ``next_daemon`` in the answer).
+    ``source`` defaults to the trainer's log, which is what clients before 0.2 expect.
+    """
+
+    n: int = 100
+    after: int | None = None
+    after_daemon: int | None = None
+    source: str = "trainer"
+    since: float | None = None
+
+    @classmethod
+    def parse(cls, query: dict[str, str]) -> LogQuery:
+        allowed = ("n", "after", "after_daemon", "source", "since")
+        for key in query:
+            if key not in allowed:
+                raise RequestError(f"unknown query parameter {shown(key)} (allowed: {', '.join(allowed)})",
+                                   field=key[:64])
+        if "n" in query:
+            try:
+                n = int(query["n"])
+            except ValueError:
+                raise RequestError(f"n must be an integer, got {shown(query['n'])}", field="n") from None
+            if not 1 <= n <= MAX_LOG_LINES:
+                raise RequestError(f"n must be in 1..{MAX_LOG_LINES}, got {n}", field="n")
+        else:
+            n = 100
+        source = query.get("source", "trainer")
+        if source not in LOG_SOURCES:
+            raise RequestError(f"source must be one of {', '.join(LOG_SOURCES)}, got {shown(source)}", field="source")
+        return cls(n=n, after=_query_int(query, "after", 0), after_daemon=_query_int(query, "after_daemon", 0),
+                   source=source, since=_query_time(query, "since"))
+
+
+@dataclass(frozen=True)
+class HistoryQuery:
+    """``since`` (unix time: only newer rows), ``cursor`` (the last answer's: only rows not sent yet),
+    ``run_id`` (default: the run this host is in)."""
+
+    since: float | None = None
+    cursor: tuple[int, int, int] | None = None
+    run_id: str | None = None
+
+    @classmethod
+    def parse(cls, query: dict[str, str]) -> HistoryQuery:
+        for key in query:
+            if key not in ("since", "cursor", "run_id"):
+                raise RequestError(f"unknown query parameter {shown(key)} (allowed: since, cursor, run_id)",
+                                   field=key[:64])
+        run_id = query.get("run_id")
+        if run_id is not None and (problem := check_run_id(run_id)):
+            raise RequestError(f"run_id {problem}", field="run_id")
+        cursor = None
+        if "cursor" in query:
+            parts = query["cursor"].split(".")
+            if len(parts) != 3 or not all(p.isdigit() and len(p) <= 12 for p in parts):
+                raise RequestError(f"cursor must be the `cursor` of an earlier answer (N.N.N), got {shown(query['cursor'])}",
+                                   field="cursor")
+            cursor = (int(parts[0]), int(parts[1]), int(parts[2]))
+        return cls(since=_query_time(query, "since"), cursor=cursor, run_id=run_id)
+
+
+def parse_predict_query(query: dict[str, str]) -> tuple[str, int]:
+    """``checkpoint`` (best, latest or final; default best) and ``top`` (1..100, default 5)."""
+    for key in query:
+        if key not in ("checkpoint", "top"):
+            raise RequestError(f"unknown query parameter {shown(key)} (allowed: checkpoint, top)", field=key[:64])
+    checkpoint = query.get("checkpoint", "best")
+    if checkpoint not in CHECKPOINT_NAMES:
+        raise RequestError(f"checkpoint must be one of {', '.join(CHECKPOINT_NAMES)}, got {shown(checkpoint)}",
+                           field="checkpoint")
+    top = _query_int(query, "top", 1, 100)
+    return checkpoint, 5 if top is None else top

@@ -1,0 +1,246 @@
+"""The swarm view: every live peer of the run and its progress, without a central controller.
+
+Each daemon publishes a small progress record for its host under the run's DHT key
+(``hivemindd-swarm:<run_id>``, subkey = its peer id) with an expiration, the way
+hivemind's own ``ProgressTracker`` publishes ``<run_id>_progress``; readers take
+the whole dictionary and the DHT drops whoever stopped refreshing. The daemon, not
+the trainer, publishes: it knows the trainer's numbers (its events and CSV files)
+and also what the trainer cannot say about itself — paused, backing off, crash-looping,
+or only a DHT node that helps others bootstrap.
+
+Pure stdlib apart from the injected DHT calls: tested with real DHT nodes in
+tests/test_swarm_view.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+RECORD_VERSION = 1
+
+# What a peer is doing, as hmctl peers and the dashboard show it.
+TRAINING = "training"
+STARTING = "starting"
+PAUSED = "paused"
+FAILING = "failing"
+BOOTSTRAP_ONLY = "bootstrap only"
+
+
+def swarm_key(run_id: str) -> str:
+    """The DHT key of a run's progress records; outside the ``<run_id>_`` names hivemind's validators own."""
+    return f"hivemindd-swarm:{run_id}"
+
+
+def activity(state: str | None, step: int | None) -> str:
+    """One word for a peer from its trainer state (supervisor.TrainerState values, or 'idle')."""
+    if state == "paused":
+        return PAUSED
+    if state in ("backoff", "crashloop"):
+        return FAILING
+    if state == "running" and step is not None:
+        return TRAINING
+    if state in ("starting", "running", "stopping"):
+        return STARTING
+    return BOOTSTRAP_ONLY  # idle or stopped: a DHT node that others bootstrap through
+
+
+@dataclass(frozen=True)
+class ProgressRecord:
+    """One host's progress in a run, as published to the DHT (versioned, tolerant of unknown fields)."""
+
+    peer_id: str  # the daemon's (host) peer id: the same one discovery shows
+    hostname: str
+    state: str  # the trainer state on that host
+    updated: float  # unix time of publication
+    trainer_peer_id: str | None = None
+    step: int | None = None
+    epoch: int | None = None  # hivemind (global) epoch this host is at
+    samples_per_s: float | None = None
+    loss: float | None = None
+    lr: float | None = None
+    val_top1: float | None = None
+    val_top5: float | None = None
+    best_val_top1: float | None = None
+    device: str | None = None
+    restarts: int = 0
+    version: str = ""
+
+    @property
+    def activity(self) -> str:
+        return activity(self.state, self.step)
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = {k: v for k, v in asdict(self).items() if v is not None}
+        wire["v"] = RECORD_VERSION
+        return wire
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> ProgressRecord | None:
+        """The record in ``raw``, or None when it is not one (another version's required field missing, bad types)."""
+        if not isinstance(raw, dict):
+            return None
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for name, value in raw.items():
+            if name in known and value is not None:
+                values[name] = value
+        try:
+            record = cls(**values)
+        except TypeError:
+            return None
+        checks: dict[str, type | tuple[type, ...]] = {
+            "peer_id": str, "hostname": str, "state": str, "updated": (int, float), "trainer_peer_id": str,
+            "step": int, "epoch": int, "samples_per_s": (int, float), "loss": (int, float), "lr": (int, float),
+            "val_top1": (int, float), "val_top5": (int, float), "best_val_top1": (int, float), "device": str,
+            "restarts": int, "version": str,
+        }
+        for name, kind in checks.items():
+            value = getattr(record, name)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                return None
+            if isinstance(value, float) and not math.isfinite(value):
+                return None
+        return record
+
+    def to_view(self, now: float) -> dict[str, Any]:
+        view = asdict(self)
+        view["activity"] = self.activity
+        view["age_s"] = round(max(0.0, now - self.updated), 1)
+        return view
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the totals need from the run spec."""
+
+    target_batch_size: int
+    train_samples: int
+    milestones: tuple[float, ...]  # dataset epochs
+    max_epochs: float = 0.0
+
+
+def totals(records: list[ProgressRecord], facts: RunFacts | None) -> dict[str, Any]:
+    """Swarm samples/s, global epoch, dataset epochs done, ETA to the last milestone, best val top-1."""
+    training = [r for r in records if r.activity == TRAINING]
+    rate = sum(r.samples_per_s or 0.0 for r in training)
+    epochs = [r.epoch for r in records if r.epoch is not None]
+    global_epoch = max(epochs) if epochs else None
+    best_values = [v for r in records for v in (r.best_val_top1, r.val_top1) if v is not None]
+    out: dict[str, Any] = {
+        "peers": len(records),
+        "training": len(training),
+        "samples_per_s": round(rate, 2),
+        "global_epoch": global_epoch,
+        "global_samples": None,
+        "dataset_epochs": None,
+        "last_milestone": None,
+        "eta_s": None,
+        "best_val_top1": max(best_values) if best_values else None,
+    }
+    if facts is None or global_epoch is None:
+        return out
+    samples = global_epoch * facts.target_batch_size
+    done = samples / facts.train_samples
+    goal = max(facts.milestones) if facts.milestones else None
+    out.update(global_samples=samples, dataset_epochs=round(done, 4), last_milestone=goal)
+    if goal is not None and rate > 0:
+        out["eta_s"] = round(max(0.0, goal - done) * facts.train_samples / rate, 1)
+    return out
+
+
+Store = Callable[[str, str, dict[str, Any], float], Awaitable[bool]]
+Fetch = Callable[[str], Awaitable[dict[str, Any]]]
+
+
+class SwarmView:
+    """Publishes this host's record every ``interval_s`` and keeps the last read of everyone's.
+
+    Owned by the daemon: ``run()`` is one of its tasks. ``snapshot()`` answers from
+    memory, so ``hmctl status --swarm`` costs no DHT round trip.
+    """
+
+    def __init__(self, store: Store, fetch: Fetch, describe: Callable[[], tuple[str | None, ProgressRecord]],
+                 interval_s: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._fetch = fetch
+        self._describe = describe
+        self.interval_s = interval_s
+        self._clock = clock
+        self._records: dict[str, ProgressRecord] = {}
+        self._run_id: str | None = None
+        self._read_at: float | None = None
+        self.error: str | None = None
+        self._poke = asyncio.Event()
+
+    @property
+    def expiration_s(self) -> float:
+        """How long a record lives without a refresh: three missed rounds."""
+        return 3 * self.interval_s + 5.0
+
+    def poke(self) -> None:
+        """Publish now (the run or the trainer state changed)."""
+        self._poke.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.refresh()
+            self._poke.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval_s):
+                    await self._poke.wait()
+
+    async def refresh(self) -> None:
+        run_id, own = self._describe()
+        if run_id != self._run_id:
+            self._records, self._read_at, self._run_id = {}, None, run_id
+        if run_id is None:
+            return
+        key = swarm_key(run_id)
+        try:
+            await self._store(key, own.peer_id, own.to_wire(), own.updated + self.expiration_s)
+            found = await self._fetch(key)
+        except Exception as exc:  # the DHT is down or slow: keep the last view, say so
+            if self.error is None:
+                log.warning("swarm.refresh_failed", run_id=run_id, error=str(exc) or type(exc).__name__)
+            self.error = str(exc) or type(exc).__name__
+            return
+        self.error = None
+        records = {}
+        for subkey, raw in found.items():
+            record = ProgressRecord.from_wire(raw)
+            if record is not None and record.peer_id == subkey:
+                records[subkey] = record
+        if self._run_id == run_id:
+            self._records, self._read_at = records, self._clock()
+
+    def records(self, own: ProgressRecord | None = None) -> list[ProgressRecord]:
+        """Everyone's last records, with this host's fresh ``own`` in place of its published one."""
+        by_peer = dict(self._records)
+        if own is not None:
+            by_peer[own.peer_id] = own
+        return sorted(by_peer.values(), key=lambda r: (r.hostname, r.peer_id))
+
+    def snapshot(self, run_id: str | None, own: ProgressRecord | None, facts: RunFacts | None) -> dict[str, Any]:
+        now = self._clock()
+        records = self.records(own) if run_id is not None else []
+        return {
+            "run_id": run_id,
+            "read_age_s": None if self._read_at is None else round(now - self._read_at, 1),
+            "error": self.error,
+            "peers": [r.to_view(now) for r in records],
+            "totals": totals(records, facts),
+        }
+
+    def activity_of(self, peer_id: str) -> str | None:
+        record = self._records.get(peer_id)
+        return record.activity if record is not None else None
