@@ -1,0 +1,156 @@
+"""The dashboard in real headless Chromium against two real daemons training one run together.
+
+Chromium loads ``/?token=…`` from daemon A's loopback listener (which trades the token
+for a cookie), polls the API for a few seconds of virtual time, and the page writes
+a summary (polls, points per chart, swarm rows, errors caught by window.onerror) into
+``#hm-test-status``, which ``--dump-dom`` returns. A screenshot goes to the test's
+output folder (``test-artifacts/`` when HIVEMINDD_TEST_ARTIFACTS is set, else tmp_path).
+The same two daemons also serve the Prometheus and swarm checks of a real two-peer run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.conftest import TEST_SPEC, DaemonProcess, check_schema, wait_until
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.timeout(300)
+
+
+class Pair:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "discovery").mkdir()
+        self.spec = root / "spec.toml"
+        self.spec.write_text(TEST_SPEC.replace("every_steps = 1000", "every_steps = 8"))
+        self.a = DaemonProcess(root / "a", root / "discovery", "--http", "127.0.0.1:0")
+        self.b = DaemonProcess(root / "b", root / "discovery")
+
+    def url(self) -> str:
+        return str(self.a.status()["http"]["url"])
+
+    def token(self) -> str:
+        return (self.a.state_dir / "http.token").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[Pair]:
+    p = Pair(Path(tempfile.mkdtemp(prefix="hmdb", dir="/tmp")))
+    try:
+        p.a.start()
+        p.b.start()
+        joined = p.a.hmctl("join", "--run-id", "demo", "--spec", str(p.spec), "--batch-size", "16", "--device", "cpu")
+        assert joined.returncode == 0, joined.stderr
+        joined = p.b.hmctl("join", "--run-id", "demo", "--batch-size", "16", "--device", "cpu")
+        assert joined.returncode == 0, joined.stderr
+        yield p
+    finally:
+        for d in (p.a, p.b):
+            d.reap()
+        shutil.rmtree(p.root, ignore_errors=True)
+
+
+def both_training(p: Pair) -> dict[str, Any] | None:
+    view: dict[str, Any] = p.a.call("swarm")
+    doing = [peer["activity"] for peer in view["peers"]]
+    return view if doing == ["training", "training"] else None
+
+
+def history_ready(p: Pair) -> dict[str, Any] | None:
+    history: dict[str, Any] = p.a.call("history")
+    ready = len(history["training"].get("step", [])) >= 5 and history["validation"].get("val_top1") \
+        and history["system"].get("cpu_percent")
+    return history if ready else None
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read()
+
+
+def test_the_swarm_view_lists_both_training_peers(pair: Pair) -> None:
+    view = wait_until(lambda: both_training(pair), 150, "both peers to train in A's swarm view")
+    check_schema(view, "Swarm")
+    ids = {pair.a.status()["peer_id"], pair.b.status()["peer_id"]}
+    assert {peer["peer_id"] for peer in view["peers"]} == ids
+    totals = view["totals"]
+    assert totals["peers"] == 2 and totals["training"] == 2 and totals["samples_per_s"] > 0
+    assert totals["last_milestone"] == 30 and totals["global_epoch"] is not None
+    shown = wait_until(lambda: (r := pair.a.hmctl("status", "--swarm")).returncode == 0 and "2 of 2 peer(s) training"
+                       in r.stdout and r, 60, "hmctl status --swarm to show both peers training")
+    assert shown.stdout.count(" training ") >= 2, shown.stdout
+    wait_until(lambda: " training " in pair.a.hmctl("peers").stdout, 60, "hmctl peers to mark B as training")
+
+
+def test_the_dashboard_draws_a_real_run_in_chromium(pair: Pair, tmp_path: Path) -> None:
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium)")
+    wait_until(lambda: both_training(pair), 150, "both peers to train")
+    wait_until(lambda: history_ready(pair), 150, "training, validation and system rows in A's history")
+    out = Path(os.environ.get("HIVEMINDD_TEST_ARTIFACTS") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    profile = tmp_path / "profile"
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}", "--virtual-time-budget=9000", "--window-size=1400,1900", "--hide-scrollbars"]
+    login = f"{pair.url()}/?token={pair.token()}"
+    dom = subprocess.run([*base, "--dump-dom", login], capture_output=True, text=True, timeout=90)
+    found = re.search(r'<pre id="hm-test-status"[^>]*>(.*?)</pre>', dom.stdout, re.S)
+    assert found, dom.stdout[-2000:] + dom.stderr[-2000:]
+    page = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert page["errors"] == [] and page["polls"] >= 2, page
+    for chart in ("loss", "acc", "lr", "sps", "cpu", "net"):
+        assert page["points"][chart] > 0, (chart, page)
+    assert page["swarm_rows"] == 2
+    assert set(page["swarm_peers"]) == {pair.a.status()["peer_id"], pair.b.status()["peer_id"]}
+    shot = out / "dashboard.png"
+    subprocess.run([*base, f"--screenshot={shot}", login], capture_output=True, timeout=90)
+    assert shot.stat().st_size > 10_000  # a real picture, kept for people to look at
+
+
+def test_the_listener_wants_the_token_and_the_cookie_only_reads(pair: Pair) -> None:
+    url = pair.url()
+    status, body = get(url + "/")
+    assert status == 401 and "?token=" in json.loads(body)["error"]["message"]
+    status, _ = get(url + "/?token=wrong")
+    assert status == 401
+    cookie = {"Cookie": f"hivemindd_token={pair.token()}"}
+    assert get(url + "/", cookie)[0] == 200
+    assert get(url + "/static/uPlot.iife.min.js", cookie)[0] == 200
+    request = urllib.request.Request(url + "/v1/pause", data=b"{}", method="POST", headers=cookie)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    refused.value.close()
+    assert refused.value.code == 403  # a cookie another local page could ride on must not control the daemon
+    assert pair.a.status()["paused"] is False
+
+
+def test_metrics_on_the_listener_parse_as_prometheus(pair: Pair) -> None:
+    wait_until(lambda: both_training(pair), 150, "both peers to train")
+    status, body = get(pair.url() + "/metrics", {"Authorization": f"Bearer {pair.token()}"})
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    values = {(s.name, s.labels.get("state", "")): s.value for f in families.values() for s in f.samples}
+    assert values[("hivemindd_trainer_state", "running")] == 1.0
+    assert values[("hivemindd_dht_up", "")] == 1.0
+    assert values[("hivemindd_trainer_step", "")] > 0 and values[("hivemindd_swarm_peers", "")] == 2
+    assert all(s.labels.get("run_id") == "demo" for f in families.values() for s in f.samples if s.name != "hivemindd_info")
+    assert get(pair.url() + "/metrics")[0] == 401
