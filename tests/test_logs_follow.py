@@ -1,0 +1,102 @@
+"""hmctl logs: the daemon's own lines (kept in a ring), --trainer/--daemon, --since, and -f until interrupted."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hivemindd.cli import since_time
+from hivemindd.launch import HostSettings
+from hivemindd.logfile import DaemonLogRing, timed
+from hivemindd.protocol import LogQuery, RequestError
+from hivemindd.spec import parse_toml
+from hivemindd.state import DesiredState, StatePaths, save_state, write_atomic
+from tests.e2e.conftest import TEST_SPEC, DaemonProcess, wait_until
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[DaemonProcess]:
+    root = Path(tempfile.mkdtemp(prefix="hmlg", dir="/tmp"))
+    (root / "discovery").mkdir()
+    paths = StatePaths(root / "a")
+    paths.root.mkdir(mode=0o700)
+    write_atomic(paths.run_spec("pz"), parse_toml(TEST_SPEC).to_json().encode())
+    save_state(paths.state_file, DesiredState().joined("pz", HostSettings(device="cpu", batch_size=16))
+               .with_paused(True, time.time() + 3600))  # joined but paused: no trainer needs the cores
+    d = DaemonProcess(paths.root, root / "discovery")
+    try:
+        d.start()
+        yield d
+    finally:
+        d.reap()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_ring_keeps_whole_lines_and_passes_them_on() -> None:
+    sink = io.StringIO()
+    ring = DaemonLogRing(sink, capacity=3)
+    ring.write("one\ntw")
+    ring.write("o\n\x1b[32mthree\x1b[0m\nfour\n")
+    assert sink.getvalue() == "one\ntwo\n\x1b[32mthree\x1b[0m\nfour\n"
+    assert [i.line for i in ring.tail(10)] == ["two", "three", "four"] and ring.seq == 4
+    assert [i.line for i in ring.after(3, 10)] == ["four"]
+
+
+def test_lines_without_a_time_keep_their_neighbours() -> None:
+    lines = ["Traceback (most recent call last):", "2025-01-31 14:05:00,500 INFO x", "  File y", "Nov 21 19:51:14.423 [INFO] z"]
+    times = [t for t, _ in timed(lines)]
+    assert times[0] == times[1] == times[2] and times[1] % 1 == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("query, words", [({"source": "both"}, "source must be one of"),
+                                          ({"since": "yesterday"}, "since must be a unix time"),
+                                          ({"after_daemon": "-2"}, "after_daemon must be >= 0")])
+def test_log_query_errors_name_the_parameter(query: dict[str, str], words: str) -> None:
+    with pytest.raises(RequestError, match=words) as err:
+        LogQuery.parse(query)
+    assert err.value.field == next(iter(query))
+
+
+def test_since_takes_durations_and_times() -> None:
+    now = time.time()
+    assert since_time("10m", now) == now - 600
+    assert since_time("2025-01-31T14:05", now) == time.mktime((2025, 1, 31, 14, 5, 0, 0, 0, -1))
+    with pytest.raises(ValueError, match="neither a duration"):
+        since_time("last tuesday", now)
+
+
+def test_daemon_lines_are_served_and_filtered(daemon: DaemonProcess) -> None:
+    shown = daemon.hmctl("logs", "--daemon", "-n", "200")
+    assert shown.returncode == 0 and "daemon.started" in shown.stdout and "[daemon]" not in shown.stdout
+    both = daemon.hmctl("logs", "-n", "200")
+    assert "[daemon]" in both.stdout and "daemon.started" in both.stdout
+    trainer_only = daemon.hmctl("logs", "--trainer", "-n", "200")
+    assert "daemon.started" not in trainer_only.stdout
+    assert daemon.hmctl("logs", "--daemon", "--since", "2099-01-01T00:00").stdout == ""
+    bad = daemon.hmctl("logs", "--since", "soonish")
+    assert bad.returncode == 2 and "neither a duration" in bad.stderr
+    clash = daemon.hmctl("logs", "--trainer", "--daemon")
+    assert clash.returncode == 2 and "exclude each other" in clash.stderr
+
+
+def test_follow_streams_new_daemon_lines_until_interrupted(daemon: DaemonProcess, tmp_path: Path) -> None:
+    out = tmp_path / "follow.out"
+    with open(out, "wb") as sink:
+        follower = subprocess.Popen([sys.executable, "-m", "hivemindd.cli", "--socket", str(daemon.client.socket_path),
+                                     "logs", "-f", "--daemon", "-n", "1"], stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: out.read_text().strip(), 30, "the first line")
+        assert daemon.hmctl("pause", "--for", "2h").returncode == 0  # the daemon logs run.paused
+        wait_until(lambda: "run.paused" in out.read_text(), 30, "run.paused to stream")
+    finally:
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(timeout=10) == 0
