@@ -54,7 +54,9 @@ def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
         yield d.start()
     finally:
         d.reap()
-        left = no_process_left(short_tmp)
+        deadline = time.monotonic() + 15  # SIGKILLed groups take a moment to be gone from the table
+        while (left := no_process_left(short_tmp)) and time.monotonic() < deadline:
+            time.sleep(0.2)
         for line in left:  # reap what a failing test left, then fail loudly about it
             with suppress(ProcessLookupError, ValueError):
                 os.kill(int(line.split(":")[0]), signal.SIGKILL)
