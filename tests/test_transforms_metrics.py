@@ -107,6 +107,11 @@ def test_csv_appends_after_a_restart_and_sets_aside_a_foreign_file(tmp_path: Pat
         lines = list(csv.reader(f))
     assert lines[0] == list(TRAINING_COLUMNS) and [line[1] for line in lines[1:]] == ["1", "2"]
     assert lines[2][4] == ""  # a missing value is an empty cell
+    assert lines[1][0] == "1" and lines[1][4] == "2.3"
+    stamp = CsvLog(tmp_path / "t.csv", ["timestamp"])
+    stamp.row([1763750000.1234])
+    stamp.close()
+    assert (tmp_path / "t.csv").read_text().splitlines()[1] == "1763750000.123"  # not 1.76375e+09
     third = CsvLog(path, TRAINING_COLUMNS)
     with pytest.raises(ValueError, match="3 values for 8 columns"):
         third.row([1, 2, 3])

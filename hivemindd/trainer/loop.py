@@ -35,6 +35,7 @@ from hivemindd.trainer.checkpoint import BEST, FINAL, LoadedCheckpoint, keep_as,
 from hivemindd.trainer.data import Batch, ShardTally, check_location, load_classes, resolve_shards, train_batches
 from hivemindd.trainer.errors import ConfigError
 from hivemindd.trainer.events import EventWriter, ResumeSource
+from hivemindd.trainer.folder_tree import is_folder_tree
 from hivemindd.trainer.metrics import RunMetrics, stats_dir, write_parameters
 from hivemindd.trainer.model import (
     Precision,
@@ -117,6 +118,10 @@ class Session:
     validator: Validator | None
     scaler: hivemind.GradScaler | None = None
     meter: ProgressMeter = field(default_factory=ProgressMeter)
+    in_place: bool = False  # gradients accumulate in .grad across local steps; hivemind zeroes them
+
+    def __post_init__(self) -> None:
+        self.in_place = swarm.accumulates_in_place(self.opt)
 
     def dataset_epoch(self) -> float:
         """Passes over the training set by the whole swarm, counting this global epoch's progress so far."""
@@ -210,6 +215,9 @@ def _validator(launch: TrainerLaunch, classes: list[str] | None) -> Validator | 
     if not spec.data.val:
         log.info("no data.val in the run spec: no validation, no best.pt")
         return None
+    if is_folder_tree(spec.data.val):
+        raise ConfigError(f"data.val: {spec.data.val} is a folder tree; validation reads WebDataset shards only "
+                          "(pack it with `hmctl dataset pack`)")
     shards = resolve_shards(spec.data.val, "data.val", launch.cache_dir)
     check_location(spec.data.val, shards, "data.val", classes)
     return Validator(shards, spec.data.image_size, launch.host.batch_size, spec.validation.batches,
@@ -341,7 +349,8 @@ def _train_step(session: Session, images: torch.Tensor, labels: torch.Tensor) ->
         scaler.update()
     else:
         opt.step()  # accumulates; averages with peers and updates weights once per global epoch
-    opt.zero_grad()
+    if not session.in_place:
+        opt.zero_grad()
     if opt.local_epoch > epoch_before + 1:
         session.buffers.pull()  # hivemind caught up by downloading state from a peer
     if opt.local_epoch != epoch_before:

@@ -132,7 +132,8 @@ def _cell(value: Any) -> Any:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.6g}"
+        # six significant digits, but timestamps (and other big numbers) to the millisecond
+        return f"{value:.6g}" if abs(value) < 1e5 else f"{value:.3f}"
     return value
 
 

@@ -96,6 +96,11 @@ def build_optimizer(launch: TrainerLaunch, dht: hivemind.DHT, model: nn.Module,
         matchmaking_time=spec.averaging.matchmaking_time,
         averaging_timeout=spec.averaging.averaging_timeout,
         offload_optimizer=True,
+        # Accumulate into the model's own .grad (autograd adds to it in backward) instead of copying
+        # every step's gradients into separate accumulators: one pass over all parameters less per
+        # step (bench/trainer_overhead.py), and what hivemind.GradScaler (fp16) requires. hivemind
+        # zeroes .grad after each global step; the loop must not call zero_grad (accumulates_in_place).
+        reuse_grad_buffers=True,
         extra_tensors=extra_tensors,
         # A killed peer's progress record keeps slowing the swarm until it expires.
         tracker_opts={"metadata_expiration": launch.metadata_expiration_s},
@@ -117,6 +122,12 @@ def current_lr(opt: hivemind.Optimizer) -> float:
     if isinstance(opt, gossip.GossipOptimizer):
         return opt.current_lr()
     return float(opt.opt.param_groups[0]["lr"])
+
+
+def accumulates_in_place(opt: hivemind.Optimizer) -> bool:
+    """True when gradients accumulate in the model's .grad across local steps (the loop must not zero them)."""
+    grad_averager = getattr(opt, "grad_averager", None)
+    return bool(getattr(grad_averager, "reuse_grad_buffers", False))
 
 
 def align_lr(opt: hivemind.Optimizer, schedule: LrSchedule) -> None:
