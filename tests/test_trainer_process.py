@@ -224,3 +224,28 @@ def test_unreadable_launch_file_exits_2(short_tmp: Path, process_groups: list[in
     trainer = Trainer(launch, process_groups)
     assert trainer.wait_exit() == 2
     assert trainer.drain()[0]["message"].startswith(f"launch file {launch}")
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """True once the process has installed its own SIGTERM handler (SigCgt in /proc/<pid>/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.timeout(120)
+def test_stop_while_starting_exits_without_joining_the_swarm(short_tmp: Path, demo_cache: Path,
+                                                             bootstrap: list[str], process_groups: list[int]) -> None:
+    """A pause that lands while the trainer is still importing torch: out in seconds, no DHT, no swarm."""
+    trainer = Trainer(make_launch(short_tmp, demo_cache, bootstrap), process_groups)
+    deadline = time.monotonic() + 30
+    while not _catches_sigterm(trainer.proc.pid):
+        assert time.monotonic() < deadline and trainer.proc.poll() is None, trainer.log_tail()
+        time.sleep(0.01)
+    trainer.proc.send_signal(signal.SIGTERM)
+    assert trainer.wait_exit() == 0
+    assert [e["type"] for e in trainer.drain()] == ["stopped"]  # never "started": no DHT was made
+    assert "stop requested before joining the swarm" in trainer.log_tail()

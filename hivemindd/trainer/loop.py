@@ -179,6 +179,14 @@ def run(launch: TrainerLaunch, events: EventWriter, stop: threading.Event) -> No
                             key="data.train", location=spec.data.train, classes=classes, tally=tally,
                             cache_dir=launch.cache_dir, augment=spec.data.augment)
 
+    if stop.is_set():
+        # Asked to stop (a pause, a leave) while starting up: nothing trained, nothing new to save,
+        # and no swarm to join and leave again, which would cost the owner many seconds per pause.
+        _close(batches)
+        step = int(loaded.payload["step"]) if loaded.payload is not None else 0
+        log.info("stop requested before joining the swarm; exiting at step %d", step)
+        events.stopped(step=step, checkpoint_step=step)
+        return
     metrics = RunMetrics(metrics_dir, gpu_index)
     dht = swarm.start_dht(launch)
     opt: hivemind.Optimizer | None = None
