@@ -25,9 +25,10 @@ from tests.test_trainer_process import Event, Trainer
 TARGET_TOP1 = 0.90
 TARGET_BATCH = 128
 HOST_BATCH = 32
-# Sampling noise between two runs: the swarm may take this many more global epochs
-# than the lone peer to first show the target (each validates about once per epoch).
-SLACK_EPOCHS = 2
+VALIDATE_EVERY_EPOCHS = 2
+# Sampling noise between two runs, plus the validation cadence: the swarm may take this many
+# more global epochs than the lone peer to first show the target (both need ~35 epochs here).
+SLACK_EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +71,22 @@ def reached(event: Event) -> bool:
     return event["type"] == "validation" and event["val_top1"] >= TARGET_TOP1
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)
 def test_two_peers_learn_digits_as_fast_per_sample_as_one(short_tmp: Path, digits: DigitShards,
                                                           bootstrap: list[str], process_groups: list[int]) -> None:
     pair_run, solo_run = f"pair-{uuid.uuid4().hex[:6]}", f"solo-{uuid.uuid4().hex[:6]}"
     steps_per_epoch_solo = TARGET_BATCH // HOST_BATCH
+    every = VALIDATE_EVERY_EPOCHS * steps_per_epoch_solo
     cache = short_tmp / "cache"
-    pair = [Trainer(write_launch(short_tmp, cache, bootstrap, name, pair_run, digits_spec(digits, steps_per_epoch_solo // 2)),
+    pair = [Trainer(write_launch(short_tmp, cache, bootstrap, name, pair_run, digits_spec(digits, every // 2)),
                     process_groups) for name in ("a", "b")]
-    solo = Trainer(write_launch(short_tmp, cache, bootstrap, "s", solo_run, digits_spec(digits, steps_per_epoch_solo)),
+    solo = Trainer(write_launch(short_tmp, cache, bootstrap, "s", solo_run, digits_spec(digits, every)),
                    process_groups)
 
-    solo_hit = solo.wait_for(reached, timeout=180)
+    solo_hit = solo.wait_for(reached, timeout=400)
+    solo.proc.send_signal(signal.SIGTERM)  # its cores go to the swarm
     # The swarm reached it first or is about to: its validations are in its event streams.
-    pair_hits = [_first_hit(trainer, timeout=120) for trainer in pair]
+    pair_hits = [_first_hit(trainer, timeout=300) for trainer in pair]
     pair_epoch = min(hit["epoch"] for hit in pair_hits)
     for trainer in [*pair, solo]:
         trainer.proc.send_signal(signal.SIGTERM)
@@ -93,7 +96,7 @@ def test_two_peers_learn_digits_as_fast_per_sample_as_one(short_tmp: Path, digit
     # Both peers really trained together: each did only part of the swarm's steps.
     steps = [max(e["step"] for e in t.events if e["type"] == "validation") for t in pair]
     assert all(step < pair_epoch * steps_per_epoch_solo for step in steps), steps
-    print(f"val top-1 >= {TARGET_TOP1}: solo at global epoch {solo_hit['epoch']} "
+    print(f"\nval top-1 >= {TARGET_TOP1}: solo at global epoch {solo_hit['epoch']} "
           f"({solo_hit['epoch'] * TARGET_BATCH} samples), pair at {pair_epoch} ({pair_epoch * TARGET_BATCH} samples)")
     assert pair_epoch <= solo_hit["epoch"] + SLACK_EPOCHS
 
