@@ -82,3 +82,13 @@ def test_batchnorm_buffers_on_cpu_are_shared_directly() -> None:
     assert sync.tensors is buffers
     sync.push()
     sync.pull()  # no-ops on CPU
+
+
+def test_run_ids_with_dots_get_a_prefix_hivemind_accepts() -> None:
+    from hivemindd.trainer.gossip import averager_prefix
+    from hivemindd.trainer.swarm import hivemind_run_id
+
+    assert hivemind_run_id("imagenet-distributed") == "imagenet-distributed"  # unchanged: existing swarms keep meeting
+    dotted, underscored = hivemind_run_id("in1k.v2"), hivemind_run_id("in1k_v2")
+    assert "." not in dotted and dotted != underscored
+    assert averager_prefix("in1k.v2") == f"{dotted}_gossip"

@@ -39,7 +39,6 @@ The trainer loop talks to this object through the surface it uses on
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 import threading
@@ -105,10 +104,9 @@ def averager_prefix(run_id: str) -> str:
     hivemind forbids '.' in prefixes and run ids may hold one; such ids are made safe
     and tagged with a hash so that two ids never share a prefix.
     """
-    if "." not in run_id:
-        return f"{run_id}_gossip"
-    digest = hashlib.sha256(run_id.encode()).hexdigest()[:8]
-    return f"{run_id.replace('.', '_')}_{digest}_gossip"
+    from hivemindd.trainer.swarm import hivemind_run_id  # swarm imports this module
+
+    return f"{hivemind_run_id(run_id)}_gossip"
 
 
 @torch.no_grad()

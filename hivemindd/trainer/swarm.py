@@ -7,6 +7,7 @@ daemon's p2pd) and why model weights must be loaded before the Optimizer exists.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -73,6 +74,16 @@ class BufferSync:
                 buffer.copy_(mirror)
 
 
+def hivemind_run_id(run_id: str) -> str:
+    """The run id as hivemind may use it in its DHT prefixes: hivemind forbids '.', which run ids allow.
+
+    An id with a dot is made safe and tagged with a hash, so ``a.b`` and ``a_b`` never share a swarm.
+    """
+    if "." not in run_id:
+        return run_id
+    return f"{run_id.replace('.', '_')}_{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
+
+
 def build_optimizer(launch: TrainerLaunch, dht: hivemind.DHT, model: nn.Module,
                     extra_tensors: list[torch.Tensor]) -> hivemind.Optimizer | gossip.GossipOptimizer:
     """The run's optimizer (collaborative, or gossip.py's); ``model`` must already hold its resumed weights."""
@@ -87,7 +98,7 @@ def build_optimizer(launch: TrainerLaunch, dht: hivemind.DHT, model: nn.Module,
     request_timeout = min(DEFAULT_REQUEST_TIMEOUT_S, 0.75 * spec.averaging.matchmaking_time)
     return hivemind.Optimizer(
         dht=dht,
-        run_id=launch.run_id,
+        run_id=hivemind_run_id(launch.run_id),
         params=model.parameters(),
         optimizer=sgd,
         scheduler=schedule.scheduler,  # stepped by hivemind once per global epoch (see schedule.py)
