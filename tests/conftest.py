@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -11,6 +12,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_implicit_event_loop() -> None:
+    """Stop asyncio from making a main-thread event loop behind our back.
+
+    hivemind's MPFuture calls ``asyncio.get_event_loop()`` when created; from the test
+    process's main thread (an in-process bootstrap DHT) that silently creates a loop
+    nobody closes, and the garbage collector later reports it, and its sockets, as
+    ResourceWarnings inside whichever test happens to be running. Once
+    ``set_event_loop`` has been called, asyncio raises instead, which MPFuture handles.
+    """
+    asyncio.set_event_loop(None)
 
 
 @pytest.fixture
