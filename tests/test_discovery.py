@@ -13,6 +13,7 @@ import structlog
 
 from hivemindd.discovery import PeerRecord, RecordError
 from hivemindd.discovery.agent import DiscoveryAgent
+from hivemindd.discovery.backend import DiscoveryError
 from hivemindd.discovery.file import FileBackend
 
 PEER_A = "QmX52hGGTZVKc1knuPUmgGF5v65EDh6zCC3VCMPiPd8eiE"
@@ -276,3 +277,36 @@ def test_dials_are_batched_and_each_peer_is_dialed_once(tmp_path: Path) -> None:
     run(asyncio.wait_for(scenario(), timeout=10))
     assert sorted(len(b) for b in batches) == [3, 8]
     assert sorted(itertools.chain.from_iterable(batches)) == sorted(peers)
+
+
+def test_dials_due_during_a_store_outage_do_not_hammer_the_store(tmp_path: Path) -> None:
+    (tmp_path / "hosts").mkdir()
+    (tmp_path / f"hosts/{PEER_B}.json").write_bytes(record(PEER_B).to_json())
+    lists: list[float] = []
+
+    class GoesDown(FileBackend):
+        async def list(self, prefix: str) -> list:  # type: ignore[override,type-arg]
+            lists.append(time.monotonic())
+            if len(lists) > 1:
+                raise DiscoveryError("store unreachable")
+            return await super().list(prefix)
+
+    async def unreachable(records: list[PeerRecord]) -> list[str]:
+        return []
+
+    agent = DiscoveryAgent(GoesDown(tmp_path.as_uri()), describe=lambda: record(PEER_A), on_new_peers=unreachable,
+                           heartbeat_s=60.0, ttl_s=600.0)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(agent.run())
+        while agent.status()["state"] != "degraded":
+            await asyncio.sleep(0.05)
+        degraded_at = time.monotonic()
+        while time.monotonic() - degraded_at < 4.0:  # long enough for a 1 s redial cadence to show
+            await asyncio.sleep(0.1)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    run(asyncio.wait_for(scenario(), timeout=30))
+    # The outage backs off 2 s, then 4 s (±20 %): at most two more tries in 4 s, not one a second.
+    assert len(lists) <= 4, [round(b - a, 1) for a, b in itertools.pairwise(lists)]

@@ -188,7 +188,9 @@ class DiscoveryAgent:
         """Until the next heartbeat, an explicit wake, or a failed dial falling due (re-list and retry)."""
         while True:
             self._replan.clear()
-            wake_at = min(heartbeat_at, self._clock() + self._until_redial())
+            # While the store is down only its own backoff counts: dials due meanwhile wait for it.
+            redial_in = self._until_redial() if self._error is None else float("inf")
+            wake_at = min(heartbeat_at, self._clock() + redial_in)
             remaining = wake_at - self._clock()
             if remaining <= 0:
                 return
