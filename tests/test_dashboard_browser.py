@@ -67,7 +67,9 @@ def pair() -> Iterator[Pair]:
 def both_training(p: Pair) -> dict[str, Any] | None:
     view: dict[str, Any] = p.a.call("swarm")
     doing = [peer["activity"] for peer in view["peers"]]
-    return view if doing == ["training", "training"] else None
+    # "training" comes with the trainer's state; its rate with its first progress report, a moment later.
+    reporting = all((peer.get("samples_per_s") or 0) > 0 for peer in view["peers"])
+    return view if doing == ["training", "training"] and reporting else None
 
 
 def history_ready(p: Pair) -> dict[str, Any] | None:
