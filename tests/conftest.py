@@ -46,6 +46,18 @@ def demo_cache() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def bootstrap() -> Iterator[list[str]]:
+    """A DHT node (its own process) that trainers join through, as they would the host DHT."""
+    import hivemind
+
+    dht = hivemind.DHT(start=True)
+    try:
+        yield [str(m) for m in dht.get_visible_maddrs()]
+    finally:
+        dht.shutdown()
+
+
 @pytest.fixture
 def process_groups() -> Iterator[list[int]]:
     """Register process group ids here; whatever is still alive at teardown is SIGKILLed."""

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import signal
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import hivemind
 import pytest
 
 from hivemindd.launch import HostSettings, TrainerLaunch
@@ -35,14 +33,6 @@ SLACK_EPOCHS = 3
 def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitShards:
     return pack_digits(tmp_path_factory.mktemp("digits"))
 
-
-@pytest.fixture(scope="module")
-def bootstrap() -> Iterator[list[str]]:
-    dht = hivemind.DHT(start=True)
-    try:
-        yield [str(m) for m in dht.get_visible_maddrs()]
-    finally:
-        dht.shutdown()
 
 
 def digits_spec(digits: DigitShards, validate_every: int) -> dict[str, Any]:

@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_trainer_process import Trainer, bootstrap, make_launch
-
-__all__ = ["bootstrap"]  # a module-scoped fixture shared with test_trainer_process
+from tests.test_trainer_process import Trainer, make_launch
 
 CLASSES = ("n02", "n01", "n03")
 

@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import hivemind
 import pytest
 import torch
 
@@ -84,15 +83,6 @@ PEER = textwrap.dedent("""
     dht.shutdown()
 """)
 
-
-@pytest.fixture(scope="module")
-def bootstrap() -> Iterator[list[str]]:
-    """A DHT node that peers join through, as they would the host DHT."""
-    dht = hivemind.DHT(start=True)
-    try:
-        yield [str(m) for m in dht.get_visible_maddrs()]
-    finally:
-        dht.shutdown()
 
 
 Line = tuple["Peer", str | None]

@@ -28,14 +28,6 @@ VALIDATED = {"data": {"val": "demo://shapes/val", "train_samples": 640},  # 10 g
              "validation": {"every_steps": 4, "batches": 2}}
 
 
-@pytest.fixture(scope="module")
-def bootstrap() -> Any:
-    dht = hivemind.DHT(start=True)
-    try:
-        yield [str(m) for m in dht.get_visible_maddrs()]
-    finally:
-        dht.shutdown()
-
 
 def rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:

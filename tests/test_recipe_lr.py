@@ -102,13 +102,3 @@ def test_lr_after_load_from_peers_and_after_resume(short_tmp: Path, demo_cache: 
     assert _check_lrs(again.drain()) >= 1
     assert _check_lrs(first.drain()) >= 2
 
-
-@pytest.fixture(scope="module")
-def bootstrap() -> Any:
-    import hivemind
-
-    dht = hivemind.DHT(start=True)
-    try:
-        yield [str(m) for m in dht.get_visible_maddrs()]
-    finally:
-        dht.shutdown()

@@ -8,9 +8,7 @@ import pytest
 
 from hivemindd.trainer.data import resolve_shards
 from tests.gcs_emulator import GcsEmulator
-from tests.test_trainer_process import Trainer, bootstrap, make_launch
-
-__all__ = ["bootstrap"]  # a fixture, used by name
+from tests.test_trainer_process import Trainer, make_launch
 
 
 @pytest.mark.timeout(120)

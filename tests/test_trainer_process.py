@@ -14,11 +14,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import hivemind
 import pytest
 
 from hivemindd.launch import HostSettings, TrainerLaunch
@@ -34,15 +33,6 @@ TINY_SPEC: dict[str, dict[str, Any]] = {
     "checkpoint": {"every_steps": 5},
 }
 
-
-@pytest.fixture(scope="module")
-def bootstrap() -> Iterator[list[str]]:
-    """A DHT node (its own process) that trainers join through, as they would the host DHT."""
-    dht = hivemind.DHT(start=True)
-    try:
-        yield [str(m) for m in dht.get_visible_maddrs()]
-    finally:
-        dht.shutdown()
 
 
 def make_launch(tmp: Path, cache: Path, peers: list[str], name: str = "w", run_id: str | None = None,
