@@ -81,17 +81,24 @@ class RestartTracker:
     consecutive: int = 0
     failures: list[float] = field(default_factory=list)
 
-    def record_exit(self, started_at: float, now: float, rand: float, progressed: bool = False) -> tuple[bool, float]:
+    def record_exit(self, started_at: float, now: float, rand: float, progressed: bool = False,
+                    trained: bool = False) -> tuple[bool, float]:
         """After an unexpected exit: (crashloop?, seconds to wait before the next start).
 
         ``progressed``: the run wrote a checkpoint. A trainer that keeps dying but keeps
         saving progress (the OOM killer, a flaky host) is getting somewhere: it restarts
         at once every time and never counts towards crashloop, which is for going nowhere.
+        ``trained``: the run took training steps but saved none. It is not going nowhere
+        either (it got past every start-up failure), so it does not count towards
+        crashloop, but its backoff still grows: a trainer that dies after a few steps
+        every time is restarted at the capped delay, never in a busy loop.
         """
         if progressed or now - started_at >= self.policy.stable_after_s:
             self.reset()
         self.consecutive += 1
-        self.failures = [t for t in self.failures if now - t < self.policy.crashloop_window_s] + [now]
+        self.failures = [t for t in self.failures if now - t < self.policy.crashloop_window_s]
+        if not trained:
+            self.failures.append(now)
         if len(self.failures) >= self.policy.crashloop_failures:
             return True, self.policy.crashloop_cooldown_s
         return False, self.policy.delay(self.consecutive, rand)
@@ -159,6 +166,7 @@ class Supervisor:
         self._handle_key: str | None = None
         self._started_at = 0.0
         self._checkpointed = False
+        self._base_step = 0  # the step this trainer process resumed at: run_steps counts from there
         self._finished_key: str | None = None  # a run whose trainer said "finished" ([run] max_epochs): not restarted
         self._stop_requested = False
         self.restarts = 0
@@ -197,6 +205,7 @@ class Supervisor:
             "step": self.info.get("step"),
             "epoch": self.info.get("epoch"),
             "checkpoint_step": self.info.get("checkpoint_step"),
+            "run_steps": self.info.get("run_steps"),
             "loss": self.info.get("loss"),
             "samples_per_s": self.info.get("samples_per_s"),
             "lr": self.info.get("lr"),
@@ -270,6 +279,8 @@ class Supervisor:
         self.transition(S.STARTING, reason)
         self._started_at = self._clock()  # a failed spawn must count as a fast failure too
         self._checkpointed = False  # this run saved progress (see RestartTracker.record_exit)
+        self._base_step = 0
+        self.info["run_steps"] = 0  # steps this trainer process took (stale step/loss stay until it reports)
         self._last_event_at = self._clock()
         try:
             launch = factory()
@@ -387,7 +398,8 @@ class Supervisor:
             crashloop, delay = True, self._tracker.policy.crashloop_cooldown_s
         else:
             crashloop, delay = self._tracker.record_exit(self._started_at, self._clock(), self._rand(),
-                                                         progressed=self._checkpointed)
+                                                         progressed=self._checkpointed,
+                                                         trained=self.info.get("run_steps", 0) > 0)
         self._retry_at = self._clock() + delay
         if crashloop:
             self.transition(S.CRASHLOOP, f"{self.last_error}; retrying in {delay:.0f} s")
@@ -411,9 +423,11 @@ class Supervisor:
                 self.transition(S.RUNNING, "trainer reported ready")
         elif kind == "resumed":
             self.info["resumed_from"] = event.get("source")
+            self._base_step = int(event.get("step") or 0)
             self.info.setdefault("checkpoint_step", event.get("step") if event.get("source") == "checkpoint" else None)
         elif kind == "progress":
             self.last_error = None
+            self.info["run_steps"] = max(0, int(event.get("step") or 0) - self._base_step)
         elif kind in ("checkpoint", "stopped"):
             step = event.get("checkpoint_step", event.get("step"))
             if step is not None:

@@ -43,6 +43,15 @@ def test_runs_that_checkpoint_never_crashloop_and_restart_at_once() -> None:
     assert tracker.record_exit(100.0, 105.0, 0.5) == (False, 2.0)  # one that saved nothing counts again
 
 
+def test_runs_that_trained_but_saved_nothing_back_off_without_crashloop() -> None:
+    """Killed after some steps but before a checkpoint, many times: never parked, but no busy loop either."""
+    tracker = RestartTracker(RestartPolicy(crashloop_failures=3, max_delay_s=8))
+    delays = [tracker.record_exit(float(t), t + 5.0, 0.5, trained=True) for t in range(0, 60, 10)]
+    assert delays == [(False, 1.0), (False, 2.0), (False, 4.0), (False, 8.0), (False, 8.0), (False, 8.0)]
+    # Failing at start is still going nowhere: those count towards crashloop as before.
+    assert [tracker.record_exit(t, t + 1.0, 0.5)[0] for t in (70.0, 80.0, 90.0)] == [False, False, True]
+
+
 class FakeHandle:
     def __init__(self, pid: int, obeys_sigterm: bool) -> None:
         self.pid = pid
@@ -146,6 +155,28 @@ def test_repeated_failures_park_in_crashloop_then_retry_after_cooldown(tmp_path:
         assert any("crashloop" in line for line in sup.error_lines())
         await until(lambda: len(spawner.handles) == 4, timeout=5)  # retried after the cooldown
     with_supervisor(scenario, tmp_path, crashloop_failures=3)
+
+
+def test_trainers_killed_after_steps_of_their_own_are_never_parked(tmp_path: Path) -> None:
+    """Each resumes at step 10 (its checkpoint), trains a little, is killed before its next checkpoint."""
+    async def scenario(sup: Supervisor, spawner: FakeSpawner) -> None:
+        sup.want("demo", launch, paused=False)
+        for n in range(1, 6):
+            await until(lambda n=n: len(spawner.handles) == n)  # type: ignore[misc]
+            spawner.on_event({"type": "started", "peer_id": "Qm1"})
+            assert sup.snapshot()["run_steps"] == 0  # the step shown is still the last process's
+            spawner.on_event({"type": "resumed", "source": "checkpoint", "step": 10, "epoch": 1})
+            spawner.on_event({"type": "progress", "step": 13, "epoch": 1})
+            assert sup.snapshot()["run_steps"] == 3
+            spawner.handles[-1].finish(-9)
+        await until(lambda: len(spawner.handles) == 6)
+        assert sup.state is S.STARTING and sup.restarts == 5
+        # Without steps of its own, the same deaths are going nowhere: parked after three.
+        for n in range(6, 9):
+            await until(lambda n=n: len(spawner.handles) == n)  # type: ignore[misc]
+            spawner.handles[-1].finish(-9)
+        await until(lambda: sup.state is S.CRASHLOOP)
+    with_supervisor(scenario, tmp_path, crashloop_failures=3, crashloop_cooldown_s=60)
 
 
 def test_config_error_exit_goes_straight_to_crashloop_and_user_action_retries(tmp_path: Path) -> None:

@@ -46,8 +46,13 @@ batches = 2
 """
 
 
-def wait_until(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2) -> T:
-    """Poll ``probe`` until it returns something truthy; fail naming ``what`` on timeout."""
+def wait_until(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2,
+               describe: Callable[[], Any] | None = None) -> T:
+    """Poll ``probe`` until it returns something truthy; fail naming ``what`` on timeout.
+
+    ``describe``: what to show of the world when it times out, where the probe's own last
+    answer (None, False) says nothing.
+    """
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -55,7 +60,8 @@ def wait_until(probe: Callable[[], T | None], timeout: float, what: str, interva
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+    seen = f"; {describe()!r}" if describe is not None else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r}{seen})")
 
 
 class DaemonProcess:

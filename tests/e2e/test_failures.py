@@ -109,15 +109,19 @@ def test_kill9_trainer_five_times_resumes_each_time(daemon: DaemonProcess) -> No
     rng = random.Random(7)
     with TrainerCensus(daemon.state_dir) as census:
         for kill in range(5):
-            before = wait_until(lambda: (t := running(daemon, 1)) and t["checkpoint_step"] is not None and t, 180,
-                                f"the trainer to checkpoint before kill {kill + 1}")
+            # This trainer process took steps of its own (the step shown is kept from the last one until it
+            # reports), and there is a checkpoint to resume from.
+            before = wait_until(lambda: (t := running(daemon)) and t["run_steps"] and t["checkpoint_step"] is not None
+                                and t, 180, f"the trainer to train and checkpoint before kill {kill + 1}",
+                                describe=daemon.trainer)
             time.sleep(rng.uniform(0.0, 3.0))  # a random moment in the training (not waiting for anything)
             last = daemon.trainer()
             assert last["pid"] == before["pid"]
             os.kill(before["pid"], signal.SIGKILL)  # the trainer's main process, as the OOM killer would
             old_pid = before["pid"]
             after = wait_until(lambda p=old_pid: (t := running(daemon)) and t["pid"] != p and t["resumed_from"]
-                               and t, 180, f"the trainer to come back after kill {kill + 1}")
+                               and t, 180, f"the trainer to come back after kill {kill + 1}",
+                               describe=daemon.trainer)
             assert after["resumed_from"] == "checkpoint"
             assert after["restarts"] == before["restarts"] + 1
             lost = (last["step"] or 0) - after["checkpoint_step"]
