@@ -316,8 +316,8 @@ class Daemon:
         return self._observer().history(query)
 
     def metrics(self) -> dict[str, Any]:
-        assert self.agent is not None
-        return self._observer().metrics_snapshot(self.status(), getattr(self.agent, "_failures", 0))
+        status = self.status()
+        return self._observer().metrics_snapshot(status, status["discovery"]["failures"])
 
     async def predict(self, image: bytes, checkpoint: str, top: int) -> dict[str, Any]:
         return await self._observer().predict(image, checkpoint, top)

@@ -154,11 +154,11 @@ def test_agent_degrades_and_recovers_keeping_known_peers(tmp_path: Path) -> None
 
     run(asyncio.wait_for(until_degraded(), timeout=10))
     status = agent.status()
-    assert "does not exist" in status["error"]
+    assert "does not exist" in status["error"] and status["failures"] >= 1  # /metrics exports the count
     assert [p["peer_id"] for p in agent.peers()] == [PEER_B]  # keeps running on what it knew
     moved.rename(root)
     run(agent.heartbeat())
-    assert agent.status()["state"] == "ok" and agent.status()["error"] is None
+    assert agent.status()["state"] == "ok" and agent.status()["error"] is None and agent.status()["failures"] == 0
 
 
 def test_unknown_scheme_is_a_clear_error() -> None:

@@ -114,7 +114,8 @@ class DiscoveryAgent:
     def status(self) -> dict[str, Any]:
         state = "starting" if self._last_ok is None and self._error is None else "degraded" if self._error else "ok"
         last_ok = None if self._last_ok is None else round(self._clock() - self._last_ok, 1)
-        return {"url": self.backend.url, "state": state, "error": self._error, "last_ok_s_ago": last_ok}
+        return {"url": self.backend.url, "state": state, "error": self._error, "last_ok_s_ago": last_ok,
+                "failures": self._failures}
 
     async def set_run(self, run_id: str | None) -> None:
         """Move this host's record to the run's folder (or back to the host list) right away."""
