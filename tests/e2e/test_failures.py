@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import threading
@@ -172,7 +173,7 @@ def test_sigterm_checkpoints_withdraws_and_exits_in_time(daemon: DaemonProcess) 
     assert not no_process_left(daemon.state_dir)
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)  # 20 trainer start-ups: about 2-3 min, far more when the two cores are shared
 def test_pause_resume_twenty_times_leaks_nothing(daemon: DaemonProcess) -> None:
     join(daemon)
     wait_until(lambda: running(daemon, 1), 180, "the trainer to take steps")
@@ -247,16 +248,18 @@ def _spawns(daemon: DaemonProcess) -> int:
 
 @pytest.mark.timeout(300)
 def test_a_hung_trainer_is_killed_restarted_and_reported(short_tmp: Path) -> None:
-    daemon = other_daemon(short_tmp, "--hang-timeout", "6")
+    # Long enough for a start-up on two busy cores (imports, model, DHT: no event meanwhile), short for a test.
+    daemon = other_daemon(short_tmp, "--hang-timeout", "20")
     try:
         daemon.start()
         join(daemon)
-        before = wait_until(lambda: running(daemon, 1), 180, "the trainer to take steps")
+        before = wait_until(lambda: running(daemon, 1), 180, "the trainer to take steps", describe=daemon.trainer)
         os.kill(before["pid"], signal.SIGSTOP)  # frozen: alive, but sends nothing
         after = wait_until(lambda: (t := running(daemon)) and t["pid"] != before["pid"] and t, 120,
                            "the hung trainer to be replaced")
         assert after["restarts"] == before["restarts"] + 1
-        assert "sent nothing for 6 s" in (daemon.state_dir / "logs" / "trainer.log").read_text()  # hmctl logs shows it
+        log_text = (daemon.state_dir / "logs" / "trainer.log").read_text()  # what hmctl logs shows
+        assert re.search(r"trainer sent nothing for 2\d s \(hang_timeout 20 s\): killing it", log_text)
         assert not psutil.pid_exists(before["pid"]) or psutil.Process(before["pid"]).status() == psutil.STATUS_ZOMBIE
     finally:
         daemon.reap()
