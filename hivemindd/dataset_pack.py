@@ -7,17 +7,24 @@ sample keys and ``--seed``, so shard i always holds the same samples: a rerun sk
 that are already complete and rewrites the rest. Shards are byte-for-byte reproducible (fixed
 tar metadata), which is what makes the local size check a completeness check.
 
+That is only true of a rerun of the *same* pack, so ``<prefix>.manifest.json`` beside the shards
+records which pack owns the prefix (source, format, split, seed, shard size, a fingerprint of the
+samples), and any other pack into that prefix is refused before a byte is written. Shards from
+before manifests are adopted only when each one starts with the sample this pack puts there.
+
 Only stdlib and click at import time: hmctl imports this module on every call.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import itertools
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -33,6 +40,12 @@ FORMATS = ("auto", "imagefolder", "cifar10", "tiny-imagenet", "imagenet-val")
 SPLITS = {"imagefolder": ("train", "val", "test"), "cifar10": ("train", "test"), "tiny-imagenet": ("train", "val"),
           "imagenet-val": ("val",)}
 TAR_BLOCK, TAR_RECORD = 512, 512 * 20
+# an ImageFolder's split, from a word in its folder's name (imagenet/val, ILSVRC2012_img_train, …)
+SPLIT_WORDS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+               "test": "test", "testing": "test"}
+PREFIX_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # nothing a brace pattern or a path would split
+MANIFEST_VERSION = 1
+HEAD_BYTES = 64 * 1024  # enough for a shard's first tar header, even behind a pax header
 
 
 @dataclass(frozen=True)
@@ -256,12 +269,26 @@ def detect_format(src: Path, labels: Path | None) -> str:
         "with --labels FILE (ImageNet val); pass --format to say which")
 
 
+def split_in_name(src: Path) -> str | None:
+    """The split a folder's name says (``val``, ``imagenet-train``, ``ILSVRC2012_img_val``), if exactly one."""
+    words = {SPLIT_WORDS[w] for w in re.split(r"[^a-z0-9]+", src.resolve().name.lower()) if w in SPLIT_WORDS}
+    return words.pop() if len(words) == 1 else None
+
+
+def default_prefix(src: Path, source: Source, split_given: bool) -> str:
+    """The split, or for an ImageFolder whose name names none, the folder's own name made shard-safe."""
+    if source.fmt != "imagefolder" or split_given or split_in_name(src):
+        return source.split
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", src.resolve().name).strip("-._")
+    return name or source.split
+
+
 def load_source(src: Path, fmt: str, split: str | None, labels: Path | None, classes: Path | None) -> Source:
     if fmt == "auto":
         fmt = detect_format(src, labels)
     if fmt == "imagenet-val" and labels is None:
         raise click.UsageError("--format imagenet-val needs --labels FILE ('<filename> <class name or index>' lines)")
-    split = split or SPLITS[fmt][0]
+    split = split or (split_in_name(src) if fmt == "imagefolder" else None) or SPLITS[fmt][0]
     if split not in SPLITS[fmt]:
         raise click.UsageError(f"--split {split} does not apply to {fmt} (choose from {', '.join(SPLITS[fmt])})")
     if fmt == "imagefolder":
@@ -332,6 +359,19 @@ class LocalDest:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
 
+    def url(self, name: str) -> str:
+        return str(self.root / name)
+
+    def names(self) -> set[str]:
+        return {p.name for p in self.root.iterdir() if p.is_file()}
+
+    def read(self, name: str, limit: int | None = None) -> bytes | None:
+        path = self.root / name
+        if not path.is_file():
+            return None
+        with path.open("rb") as f:
+            return f.read(-1 if limit is None else limit)
+
     def complete(self, name: str, size: Callable[[], int]) -> bool:
         path = self.root / name
         return path.is_file() and path.stat().st_size == size()
@@ -358,6 +398,20 @@ class GcsDest:
     def _blob_name(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
+    def url(self, name: str) -> str:
+        return f"gs://{self.bucket.name}/{self._blob_name(name)}"
+
+    def names(self) -> set[str]:
+        start = f"{self.prefix}/" if self.prefix else ""
+        return {n.removeprefix(start) for n in self.existing if n.startswith(start) and "/" not in n.removeprefix(start)}
+
+    def read(self, name: str, limit: int | None = None) -> bytes | None:
+        if self._blob_name(name) not in self.existing:
+            return None
+        blob = self.bucket.blob(self._blob_name(name))
+        data: bytes = blob.download_as_bytes() if limit is None else blob.download_as_bytes(start=0, end=limit - 1)
+        return data
+
     def complete(self, name: str, size: Callable[[], int]) -> bool:
         return self._blob_name(name) in self.existing  # uploads are atomic: an object that exists is whole
 
@@ -365,7 +419,9 @@ class GcsDest:
         with tempfile.TemporaryDirectory(prefix="hmctl-pack-") as tmp:
             path = Path(tmp) / name
             write(path)
-            self.bucket.blob(self._blob_name(name)).upload_from_filename(str(path), content_type="application/x-tar")
+            content_type = "application/x-tar" if name.endswith(".tar") else "application/json"
+            self.bucket.blob(self._blob_name(name)).upload_from_filename(str(path), content_type=content_type)
+        self.existing.add(self._blob_name(name))
 
 
 def _write_bytes(data: bytes) -> Callable[[Path], None]:
@@ -374,18 +430,127 @@ def _write_bytes(data: bytes) -> Callable[[Path], None]:
     return write
 
 
+Dest = LocalDest | GcsDest
+# manifest fields that must match for a rerun to resume, and how a message names them
+IDENTITY = (("source", "source"), ("format", "format"), ("split", "split"), ("seed", "seed"),
+            ("shard_size", "shard size"), ("fingerprint", "samples (images or labels)"))
+
+
+def fingerprint(source: Source) -> str:
+    """A digest of what decides the shards' content besides the seed: classes, keys, labels, extensions."""
+    digest = hashlib.sha256(json.dumps(source.classes).encode())
+    for s in sorted(source.samples, key=lambda s: s.key):
+        digest.update(f"{s.key}\t{s.ext}\t{s.cls}\n".encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def new_manifest(src: Path, source: Source, prefix: str, seed: int, shard_size: int, names: list[str]) -> dict[str, Any]:
+    return {"version": MANIFEST_VERSION, "tool": "hmctl dataset pack", "source": str(src.resolve()),
+            "format": source.fmt, "split": source.split, "prefix": prefix, "seed": seed, "shard_size": shard_size,
+            "samples": len(source.samples), "classes": len(source.classes), "fingerprint": fingerprint(source),
+            "shards": names, "complete": False}
+
+
+def _describe(m: dict[str, Any]) -> str:
+    return (f"{m.get('source')} ({m.get('format')} {m.get('split')}, seed {m.get('seed')}, "
+            f"{m.get('shard_size')} a shard, {m.get('samples')} samples)")
+
+
+def _first_member(head: bytes | None) -> str | None:
+    import tarfile
+
+    if not head:
+        return None
+    try:
+        with tarfile.open(fileobj=io.BytesIO(head), mode="r|") as tar:
+            member = tar.next()
+    except (tarfile.TarError, EOFError, OSError):
+        return None
+    return member.name if member else None
+
+
+def check_classes(target: Dest, classes: list[str]) -> None:
+    """classes.json is shared by every pack at DEST: a pack whose labels index another list is refused."""
+    raw = target.read("classes.json")
+    if raw is None:
+        return
+    try:
+        existing = json.loads(raw)
+    except ValueError:
+        existing = None
+    if existing != classes:
+        def preview(names: Any) -> str:
+            if not isinstance(names, list):
+                return "not a list of class names"
+            return f"{len(names)}: {', '.join(map(str, names[:4]))}{', …' if len(names) > 4 else ''}"
+        raise click.ClickException(
+            f"refusing to overwrite {target.url('classes.json')}: it lists other classes ({preview(existing)}) than "
+            f"this pack ({preview(classes)}), and labels are positions in that list, so the packs at DEST would "
+            "disagree on what a label means. Pack into another DEST.")
+
+
+def check_prefix(target: Dest, manifest: dict[str, Any], shards: list[list[Sample]]) -> None:
+    """Refuse unless every ``<prefix>-*.tar`` at DEST belongs to this very pack (so resuming cannot destroy data)."""
+    prefix = manifest["prefix"]
+    manifest_name = f"{prefix}.manifest.json"
+    other = f" (e.g. --prefix {manifest['split']})" if manifest["split"] != prefix else ""
+    todo = f"Pack into another DEST or --prefix NAME{other}; to replace those shards, delete {target.url(f'{prefix}-*.tar')}"
+    raw = target.read(manifest_name)
+    if raw is not None:
+        try:
+            old = json.loads(raw)
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise click.ClickException(f"{target.url(manifest_name)} is not a pack manifest ({exc}). "
+                                       f"{todo} and {manifest_name} first.") from None
+        differs = [label for key, label in IDENTITY if old.get(key) != manifest[key]]
+        if differs:
+            raise click.ClickException(
+                f"refusing to overwrite the {prefix}-*.tar shards: {target.url(manifest_name)} says they were "
+                f"packed from {_describe(old)}; this pack, {_describe(manifest)}, differs in {', '.join(differs)}. "
+                f"{todo} and {manifest_name} first. To resume that pack, rerun it with its own source, --seed "
+                "and --shard-size.")
+        return
+    # shards from before manifests: adopt only shards that start with the sample this pack puts there
+    pattern = re.compile(rf"{re.escape(prefix)}-(\d{{6}})\.tar")
+    for name in sorted(target.names()):
+        match = pattern.fullmatch(name)
+        if not match:
+            continue
+        i = int(match.group(1))
+        first = _first_member(target.read(name, HEAD_BYTES))
+        if i >= len(shards) or first != f"{shards[i][0].key}.{shards[i][0].ext}":
+            raise click.ClickException(
+                f"refusing to overwrite {target.url(name)}: it does not hold shard {i} of this pack "
+                f"({_describe(manifest)}), and there is no {manifest_name} at DEST to say which pack wrote it. "
+                f"{todo} first.")
+
+
+def _check_prefix_option(value: str | None) -> str | None:
+    if value is not None and not PREFIX_PATTERN.fullmatch(value):
+        raise click.BadParameter(f"{value!r} is not a plain shard name (letters, digits, '.', '_', '-'; "
+                                 "no '/', braces or leading dot)", param_hint="--prefix")
+    return value
+
+
 @click.command("pack")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("dest")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="auto", show_default=True,
               help="Layout of SRC (auto detects it).")
 @click.option("--split", type=click.Choice(["train", "val", "test"]),
-              help="Which split to pack: cifar10 train|test, tiny-imagenet train|val. [train; val for imagenet-val]")
+              help="Which split to pack: cifar10 train|test, tiny-imagenet train|val (SRC holds both); imagefolder "
+                   "train|val|test only names the pack. [cifar10, tiny-imagenet: train; imagenet-val: val; "
+                   "imagefolder: the split SRC's folder name says (val, imagenet-train, ILSVRC2012_img_val), "
+                   "else train]")
 @click.option("--labels", "labels_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="ImageNet val labels: '<filename> <class name or index>' a line.")
 @click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Class names for --labels (e.g. the train pack's classes.json); needed when labels are indices.")
-@click.option("--prefix", help="Shard names: <prefix>-000000.tar… [the split]")
+@click.option("--prefix", callback=lambda ctx, param, value: _check_prefix_option(value),
+              help="Shard names: <prefix>-000000.tar… and <prefix>.manifest.json. [the split; for an imagefolder "
+                   "whose name names no split, the folder's name]")
 @click.option("--shard-size", type=click.IntRange(1), default=2000, show_default=True, help="Samples a shard.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the global shuffle (keep it to resume).")
 @click.option("--json", "json_output", is_flag=True, help="Print a JSON summary for scripts.")
@@ -395,24 +560,35 @@ def pack(src: Path, dest: str, fmt: str, split: str | None, labels_file: Path | 
 
     \b
     Each sample holds the image's own bytes (jpg/png/…; CIFAR arrays as png), `cls` and `__key__`;
-    classes.json lists the sorted class names (index = label). Rerunning with the same
-    --seed and --shard-size skips the shards already at DEST.
+    classes.json lists the sorted class names (index = label). <prefix>.manifest.json records
+    which pack wrote the shards (source, split, seed, shard size): rerunning the same pack skips
+    the shards already at DEST, and a different one into the same prefix is refused, never
+    written over (pack train and val into one DEST: they get their own prefixes).
     """
     source = load_source(src, fmt, split, labels_file, classes_file)
+    prefix = prefix or default_prefix(src, source, split is not None)
     shards = shuffled_shards(source.samples, seed, shard_size)
-    target: LocalDest | GcsDest = GcsDest(dest) if dest.startswith("gs://") else LocalDest(Path(dest))
-    prefix = prefix or source.split
-    target.put("classes.json", _write_bytes(json.dumps(source.classes, indent=1).encode() + b"\n"))
+    names = [f"{prefix}-{i:06d}.tar" for i in range(len(shards))]
+    manifest = new_manifest(src, source, prefix, seed, shard_size, names)
+    target: Dest = GcsDest(dest) if dest.startswith("gs://") else LocalDest(Path(dest))
+    check_classes(target, source.classes)
+    check_prefix(target, manifest, shards)
+    classes_json = json.dumps(source.classes, indent=1).encode() + b"\n"
+    if target.read("classes.json") != classes_json:
+        target.put("classes.json", _write_bytes(classes_json))
+    manifest_name = f"{prefix}.manifest.json"
+    target.put(manifest_name, _write_bytes(json.dumps(manifest, indent=1).encode() + b"\n"))  # claim it first
     written = 0
-    label = f"packing {source.fmt} {source.split}"
+    label = f"packing {source.fmt} {source.split} into {prefix}-*.tar"
     with click.progressbar(length=len(source.samples), label=label, file=sys.stderr) as bar:
-        for i, shard in enumerate(shards):
-            name = f"{prefix}-{i:06d}.tar"
+        for name, shard in zip(names, shards, strict=True):
             if not target.complete(name, functools.partial(expected_tar_size, shard, source)):
                 target.put(name, functools.partial(_write_shard_to, shard=shard, source=source))
                 written += 1
             bar.update(len(shard))
-    summary = {"dest": dest, "format": source.fmt, "split": source.split, "shards": len(shards), "written": written,
+    target.put(manifest_name, _write_bytes(json.dumps(manifest | {"complete": True}, indent=1).encode() + b"\n"))
+    summary = {"dest": dest, "format": source.fmt, "split": source.split, "prefix": prefix,
+               "manifest": target.url(manifest_name), "shards": len(shards), "written": written,
                "skipped": len(shards) - written, "samples": len(source.samples), "classes": len(source.classes)}
     if json_output:
         click.echo(json.dumps(summary))

@@ -183,7 +183,8 @@ def test_gcs_destination_uploads_and_resumes(imagefolder: Any, gcs: Any, tmp_pat
     assert (summary["shards"], summary["written"]) == (3, 3)
     bucket = storage.Client().bucket("test-bucket")
     names = sorted(b.name for b in bucket.list_blobs(prefix="packs/in1k/"))
-    assert names == ["packs/in1k/classes.json"] + [f"packs/in1k/train-00000{i}.tar" for i in range(3)]
+    assert names == ["packs/in1k/classes.json"] + [f"packs/in1k/train-00000{i}.tar" for i in range(3)] + [
+        "packs/in1k/train.manifest.json"]
     local = tmp_path / "fetched"
     local.mkdir()
     for name in names:
@@ -224,3 +225,173 @@ def test_clear_errors(tmp_path: Path, setup: str, args: list[str], code: int, me
     result = CliRunner().invoke(main, ["dataset", "pack", str(src), str(tmp_path / "out"), *args])
     assert result.exit_code == code, result.output
     assert message in result.output
+
+
+# ---- one DEST, several packs: never overwrite another pack's shards (issue 10, item 2) ----
+
+def _folders(root: Path, splits: dict[str, int], classes: tuple[str, ...] = ("cat", "dog")) -> None:
+    """root/<split>/<class>/<image>.png: real small PNGs, different pixels in every split."""
+    for s, (split, per_class) in enumerate(splits.items()):
+        for c, cls in enumerate(classes):
+            for i in range(per_class):
+                _image(root / split / cls / f"{split}_{cls}_{i}.png", 1000 * s + 100 * c + i, "PNG")
+
+
+def _snapshot(dest: Path, pattern: str = "*") -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(dest.glob(pattern)) if p.is_file()}
+
+
+def _pack_fails(*args: str) -> str:
+    result = CliRunner().invoke(main, ["dataset", "pack", *args])
+    assert result.exit_code == 1, result.output
+    return " ".join(result.output.split())  # the message as one line, whatever the terminal wrapped
+
+
+def test_val_after_train_into_the_same_dest_leaves_the_train_shards_alone(tmp_path: Path) -> None:
+    """The issue's report: `pack myimages/val packed` after `pack myimages/train packed` rewrote train-000000.tar."""
+    _folders(tmp_path / "myimages", {"train": 6, "val": 2})
+    dest = tmp_path / "packed"
+    train = _pack(str(tmp_path / "myimages" / "train"), str(dest), "--shard-size", "5")
+    assert (train["split"], train["prefix"], train["shards"]) == ("train", "train", 3)
+    before = _snapshot(dest, "train-*.tar")
+    val = _pack(str(tmp_path / "myimages" / "val"), str(dest), "--shard-size", "5")
+    assert (val["split"], val["prefix"], val["shards"], val["written"]) == ("val", "val", 1, 1)
+    assert _snapshot(dest, "train-*.tar") == before  # byte-identical and untouched
+    assert set(_read_shards(dest, "val")) == {f"{c}/val_{c}_{i}" for c in ("cat", "dog") for i in range(2)}
+    assert set(_read_shards(dest, "train")) == {f"{c}/train_{c}_{i}" for c in ("cat", "dog") for i in range(6)}
+    manifests = {p.name: json.loads(p.read_text()) for p in dest.glob("*.manifest.json")}
+    assert set(manifests) == {"train.manifest.json", "val.manifest.json"}
+    val_manifest = manifests["val.manifest.json"]
+    assert val_manifest["source"] == str((tmp_path / "myimages" / "val").resolve())
+    assert (val_manifest["format"], val_manifest["split"], val_manifest["seed"], val_manifest["shard_size"]) == (
+        "imagefolder", "val", 0, 5)
+    assert (val_manifest["shards"], val_manifest["complete"]) == (["val-000000.tar"], True)
+
+
+@pytest.mark.parametrize(("second", "differs"), [
+    (["val", "--prefix", "train"], "source"),
+    (["train", "--seed", "1"], "seed"),
+    (["train", "--shard-size", "4"], "shard size"),
+])
+def test_a_different_pack_into_the_same_prefix_is_refused(tmp_path: Path, second: list[str], differs: str) -> None:
+    _folders(tmp_path / "myimages", {"train": 6, "val": 2})
+    dest = tmp_path / "packed"
+    _pack(str(tmp_path / "myimages" / "train"), str(dest), "--shard-size", "5")
+    before = _snapshot(dest)
+    message = _pack_fails(str(tmp_path / "myimages" / second[0]), str(dest), "--shard-size", "5", *second[1:])
+    assert _snapshot(dest) == before  # nothing written, not even classes.json or the manifest
+    assert f"{dest / 'train.manifest.json'}" in message
+    assert f"differs in {differs}" in message
+    assert "another DEST or --prefix" in message and "delete" in message
+    assert not list(dest.glob(".*partial"))
+
+
+def test_shards_without_a_manifest_are_adopted_only_when_they_hold_this_packs_samples(tmp_path: Path) -> None:
+    """Shards from before manifests existed: the same pack resumes over them, another is refused."""
+    _folders(tmp_path / "myimages", {"train": 6, "val": 2})
+    dest = tmp_path / "packed"
+    _pack(str(tmp_path / "myimages" / "train"), str(dest), "--shard-size", "5")
+    (dest / "train.manifest.json").unlink()
+    before = _snapshot(dest, "train-*.tar")
+    message = _pack_fails(str(tmp_path / "myimages" / "val"), str(dest), "--prefix", "train", "--shard-size", "5")
+    assert "train-000000.tar" in message and "no train.manifest.json" in message
+    assert _snapshot(dest, "train-*.tar") == before and not (dest / "train.manifest.json").exists()
+    (dest / "train-000002.tar").unlink()
+    again = _pack(str(tmp_path / "myimages" / "train"), str(dest), "--shard-size", "5")
+    assert (again["written"], again["skipped"]) == (1, 2)
+    assert _snapshot(dest, "train-*.tar") == before | {"train-000002.tar": _snapshot(dest)["train-000002.tar"]}
+    assert (dest / "train-000002.tar").read_bytes() == before["train-000002.tar"][1]
+    assert json.loads((dest / "train.manifest.json").read_text())["complete"] is True
+
+
+def test_an_interrupted_pack_resumes_from_its_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hivemindd.dataset_pack as dataset_pack
+
+    _folders(tmp_path / "myimages", {"train": 6})
+    src, dest = tmp_path / "myimages" / "train", tmp_path / "packed"
+    real, calls = dataset_pack.write_shard, []
+
+    def dies_on_the_third(path: Path, shard: Any, source: Any) -> None:
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if ^C while the third shard is written
+        real(path, shard, source)
+
+    monkeypatch.setattr(dataset_pack, "write_shard", dies_on_the_third)
+    interrupted = CliRunner().invoke(main, ["dataset", "pack", str(src), str(dest), "--shard-size", "2"])
+    assert interrupted.exit_code != 0
+    manifest = json.loads((dest / "train.manifest.json").read_text())
+    assert manifest["complete"] is False and len(manifest["shards"]) == 6
+    assert sorted(p.name for p in dest.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
+    done = _snapshot(dest, "train-*.tar")
+    monkeypatch.setattr(dataset_pack, "write_shard", real)
+    resumed = _pack(str(src), str(dest), "--shard-size", "2")
+    assert (resumed["written"], resumed["skipped"]) == (4, 2)
+    assert {k: v for k, v in _snapshot(dest, "train-*.tar").items() if k in done} == done
+    assert json.loads((dest / "train.manifest.json").read_text())["complete"] is True
+    assert set(_read_shards(dest, "train")) == {f"{c}/train_{c}_{i}" for c in ("cat", "dog") for i in range(6)}
+
+
+@pytest.mark.parametrize(("folder", "args", "split", "prefix"), [
+    ("val", [], "val", "val"),
+    ("imagenet-train", [], "train", "train"),
+    ("ILSVRC2012_img_val", [], "val", "val"),
+    ("validation", [], "val", "val"),
+    ("test", [], "test", "test"),
+    ("holiday photos", [], "train", "holiday-photos"),  # no split in the name: the folder's name, made shard-safe
+    ("holiday photos", ["--split", "val"], "val", "val"),
+    ("val", ["--prefix", "train"], "val", "train"),  # the seed bucket's layout: val shards named train-* (own folder)
+])
+def test_imagefolder_prefix_follows_the_source(tmp_path: Path, folder: str, args: list[str], split: str,
+                                               prefix: str) -> None:
+    _folders(tmp_path, {folder: 1})
+    summary = _pack(str(tmp_path / folder), str(tmp_path / "out"), *args)
+    assert (summary["split"], summary["prefix"]) == (split, prefix)
+    assert [p.name for p in (tmp_path / "out").glob("*.tar")] == [f"{prefix}-000000.tar"]
+
+
+def test_a_pack_with_other_classes_keeps_the_classes_json_it_would_contradict(tmp_path: Path) -> None:
+    _folders(tmp_path / "a", {"train": 1}, classes=("cat", "dog"))
+    _folders(tmp_path / "b", {"val": 1}, classes=("ant", "bee", "cat"))
+    dest = tmp_path / "out"
+    _pack(str(tmp_path / "a" / "train"), str(dest))
+    before = _snapshot(dest)
+    message = _pack_fails(str(tmp_path / "b" / "val"), str(dest))
+    assert "classes.json" in message and "another DEST" in message
+    assert _snapshot(dest) == before
+
+
+@pytest.mark.parametrize("prefix", ["", "a/b", "x{0..2}", ".hidden"])
+def test_a_prefix_that_is_not_a_plain_name_is_rejected(tmp_path: Path, prefix: str) -> None:
+    _folders(tmp_path, {"train": 1})
+    result = CliRunner().invoke(main, ["dataset", "pack", str(tmp_path / "train"), str(tmp_path / "out"),
+                                       "--prefix", prefix])
+    assert result.exit_code == 2 and "--prefix" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_documents_split_and_prefix() -> None:
+    result = CliRunner().invoke(main, ["dataset", "pack", "--help"], terminal_width=200)
+    text = " ".join(result.output.split())
+    assert "--split" in text and "imagefolder" in text.lower() and "--prefix" in text
+    assert "manifest" in text
+
+
+def test_gcs_destination_refuses_another_pack_into_its_prefix(imagefolder: Any, gcs: Any, tmp_path: Path) -> None:
+    from google.cloud import storage
+
+    src, _ = imagefolder
+    _pack(str(src), "gs://test-bucket/packs/guard", "--shard-size", "8")
+    bucket = storage.Client().bucket("test-bucket")
+    before = {b.name: b.md5_hash for b in bucket.list_blobs(prefix="packs/guard/")}
+    assert "packs/guard/train.manifest.json" in before
+    message = _pack_fails(str(src), "gs://test-bucket/packs/guard", "--shard-size", "8", "--seed", "3")
+    assert "differs in seed" in message and "gs://test-bucket/packs/guard/train.manifest.json" in message
+    assert {b.name: b.md5_hash for b in bucket.list_blobs(prefix="packs/guard/")} == before
+    assert _pack(str(src), "gs://test-bucket/packs/guard", "--shard-size", "8")["written"] == 0
+    # shards from before manifests: each one's first tar header (a ranged read) says whose it is
+    bucket.blob("packs/guard/train.manifest.json").delete()
+    message = _pack_fails(str(src), "gs://test-bucket/packs/guard", "--shard-size", "8", "--seed", "3")
+    assert "gs://test-bucket/packs/guard/train-000000.tar" in message and "no train.manifest.json" in message
+    assert _pack(str(src), "gs://test-bucket/packs/guard", "--shard-size", "8")["written"] == 0
+    assert {b.name: b.md5_hash for b in bucket.list_blobs(prefix="packs/guard/")} == before
