@@ -1,10 +1,26 @@
 """Run specs: the seed's ImageNet recipe is accepted as written; mistakes are named with their line."""
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
-from hivemindd.spec import RunSpec, SpecError, parse_json, parse_toml
+from hivemindd.spec import (
+    MAX_SPEC_BYTES,
+    AveragingSpec,
+    CheckpointSpec,
+    DataSpec,
+    ModelSpec,
+    OptimizerSpec,
+    RunSection,
+    RunSpec,
+    SpecError,
+    ValidationSpec,
+    parse_json,
+    parse_toml,
+    reference_markdown,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -91,3 +107,119 @@ def test_garbage_published_spec_is_refused() -> None:
         parse_json('{"version": 99}')
     with pytest.raises(SpecError, match="table of sections"):
         RunSpec.from_dict([1, 2])
+
+
+# --- issue 11 item 6: hostile specs have bounds ------------------------------------------------
+
+BASE = "[data]\ntrain = 'a.tar'\ntrain_samples = 100\n"
+
+
+@pytest.mark.parametrize(("extra", "key"), [
+    ("[model]\nnum_classes = 1e9\n", r"model\.num_classes: must be between 2 and 100000 classes, got 1000000000"),
+    ("[optimizer]\nlr = inf\n", r"optimizer\.lr: must be a finite number"),
+    ("[optimizer]\nlr = nan\n", r"optimizer\.lr: must be a finite number"),
+    ("[optimizer]\nmilestones = [30, inf]\n", r"optimizer\.milestones: must be a finite number"),
+    ("[optimizer]\nwarmup_epochs = 1e300\n", r"optimizer\.warmup_epochs: must be in \[0, 100000\]"),
+    ("[optimizer]\ntarget_batch_size = 99999999999999999999\n", r"optimizer\.target_batch_size"),
+    ("[averaging]\naveraging_timeout = inf\n", r"averaging\.averaging_timeout: must be a finite number"),
+    ("[averaging]\nmatchmaking_time = 1e9\n", r"averaging\.matchmaking_time: must be in \(0, 600\] seconds"),
+    ("[averaging]\ngroup_size = 100000000\n", r"averaging\.group_size"),
+    ("[checkpoint]\nevery_steps = 10000000000000\n", r"checkpoint\.every_steps"),
+    ("[validation]\nbatches = 10000000000000\n", r"validation\.batches"),
+    ("[run]\nmax_epochs = inf\n", r"run\.max_epochs: must be a finite number"),
+])
+def test_every_number_has_finite_bounds(extra: str, key: str) -> None:
+    with pytest.raises(SpecError, match=key):
+        parse_toml(BASE + extra, "s.toml")
+
+
+def test_a_published_spec_with_infinity_or_a_huge_number_is_refused() -> None:
+    good = parse_toml(BASE).to_dict()
+    for section, key, value in (("optimizer", "lr", float("inf")), ("data", "train_samples", 10**400),
+                                ("averaging", "alpha", float("nan"))):
+        raw = json.loads(json.dumps(good))
+        raw[section][key] = value
+        with pytest.raises(SpecError, match=rf"{section}\.{key}"):
+            parse_json(json.dumps(raw))  # Infinity / NaN are what json.dumps writes for them
+
+
+@pytest.mark.parametrize("location", [
+    "/dev/zero", "file:///dev/zero", "/proc/self/environ", "/sys/kernel/notes", "/data/../proc/1/environ",
+    "//dev/stdin", "file:///proc/self/fd/0",
+])
+@pytest.mark.parametrize("key", ["train", "val", "classes"])
+def test_data_locations_may_not_name_the_kernels_or_devices_files(location: str, key: str) -> None:
+    spec = {"data": {"train": "a.tar", "train_samples": 10, key: location}}
+    with pytest.raises(SpecError, match=rf"data\.{key}: .* is under /(dev|proc|sys): a run spec may not read"):
+        RunSpec.from_dict(spec)
+
+
+def test_pretrained_weights_may_not_come_from_dev() -> None:
+    with pytest.raises(SpecError, match=r"model\.pretrained: '/dev/stdin' is under /dev"):
+        RunSpec.from_dict({"model": {"pretrained": "/dev/stdin"}, "data": {"train": "a.tar", "train_samples": 10}})
+
+
+def test_a_spec_larger_than_the_cap_is_refused_unparsed() -> None:
+    text = BASE + "# " + "x" * (MAX_SPEC_BYTES + 1) + "\n"
+    with pytest.raises(SpecError, match=rf"too large for a run spec \(at most {MAX_SPEC_BYTES}\)"):
+        parse_toml(text, "big.toml")
+    with pytest.raises(SpecError, match="too large"):
+        parse_json(b" " * (MAX_SPEC_BYTES + 1) + b"{}")
+    with pytest.raises(SpecError, match=r"data\.train: 3000 characters is too long"):
+        RunSpec.from_dict({"data": {"train": "a" * 3000, "train_samples": 10}})
+
+
+def test_a_deeply_nested_spec_is_a_spec_error_not_a_crash() -> None:
+    with pytest.raises(SpecError, match=r"nested too deeply|not valid JSON"):
+        parse_json("[" * 30_000 + "]" * 30_000)
+    with pytest.raises(SpecError, match="nested too deeply"):
+        parse_toml("a = " + "[" * 30_000 + "]" * 30_000)
+
+
+# --- issue 11 item 8: no control characters in spec strings ----------------------------------
+
+@pytest.mark.parametrize("value", ["a\x1b[2J.tar", "a.tar\nINFO forged line", "a\r.tar", "a\u202e.tar", "a\x00"])
+def test_control_characters_in_spec_strings_are_refused(value: str) -> None:
+    with pytest.raises(SpecError, match=r"data\.train: contains the control character U\+"):
+        RunSpec.from_dict({"data": {"train": value, "train_samples": 10}})
+    with pytest.raises(SpecError, match=r"model\.arch: contains the control character"):
+        RunSpec.from_dict({"model": {"arch": value}, "data": {"train": "a.tar", "train_samples": 10}})
+
+
+def test_an_unknown_key_with_escapes_is_named_without_them() -> None:
+    with pytest.raises(SpecError) as err:
+        RunSpec.from_dict({"data\x1b[31m": {}})
+    assert "\x1b" not in str(err.value) and "\\x1b" in str(err.value)
+
+
+# --- issue 10 item 4: the reference, and a missing [data] -------------------------------------
+
+def test_a_spec_without_data_says_the_key_is_required() -> None:
+    with pytest.raises(SpecError, match=r"^m\.toml: data\.train: is required: the \[data\] section must say"):
+        parse_toml("[model]\narch = 'resnet18'\nnum_classes = 10\n", "m.toml")
+    with pytest.raises(SpecError, match=r"data\.train_samples: is required"):
+        parse_toml("[data]\ntrain = 'a.tar'\n", "m.toml")
+
+
+def test_the_committed_spec_reference_is_generated_from_the_spec() -> None:
+    committed = (Path(__file__).resolve().parents[1] / "docs" / "spec.md").read_text()
+    assert committed == reference_markdown(), "docs/spec.md is stale: python -m hivemindd.spec > docs/spec.md"
+
+
+def test_the_reference_names_every_key_with_its_default_and_unit() -> None:
+    text = reference_markdown()
+    for section_name, section_cls in (("model", ModelSpec), ("data", DataSpec), ("optimizer", OptimizerSpec),
+                                      ("averaging", AveragingSpec), ("checkpoint", CheckpointSpec),
+                                      ("validation", ValidationSpec), ("run", RunSection)):
+        assert f"## [{section_name}]" in text
+        for f in dataclasses.fields(section_cls):
+            assert f"| `{f.name}` |" in text, f.name
+            assert f.metadata["doc"], f"{section_name}.{f.name} has no doc"
+    assert "| `max_epochs` | `0.0` | dataset epochs | [0, 100000] |" in text
+    assert "| `lr` | `0.1` | – | (0, 100] |" in text
+    assert "final.pt" in text and "last milestone" in text
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.toml")))
+def test_every_example_fits_the_bounds(example: str) -> None:
+    parse_toml((EXAMPLES / example).read_text(), example)
