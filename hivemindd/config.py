@@ -36,6 +36,7 @@ class DaemonConfig:
     announce_maddrs: tuple[str, ...] = ()
     initial_peers: tuple[str, ...] = ()
     log_format: str = "console"
+    log_level: str = "info"  # debug also lets hivemind's INFO/DEBUG lines through (daemon.configure_logging)
     heartbeat_s: float = 30.0
     ttl_s: float = 90.0
     stop_timeout_s: float = 150.0  # a stop may wait out a step in flight and a goodbye: 2 x averaging_timeout (60 s) + margin
@@ -47,6 +48,9 @@ class DaemonConfig:
     operator_group: str = DEFAULT_OPERATOR_GROUP  # members get full control over the socket
     http: tuple[str, int] | None = None  # optional TCP listener (host, port) for the dashboard; loopback only
     http_allow_remote: bool = False  # let ``http`` bind a non-loopback address (the token is then all that guards it)
+    # [host] data_roots: a run spec's local data must lie under these folders; () = anywhere but the refused ones
+    data_roots: tuple[str, ...] = ()
+    allow_local_urls: bool = False  # [host] allow_local_urls: spec URLs may reach loopback and link-local hosts
 
     @property
     def http_is_loopback(self) -> bool:
@@ -67,6 +71,7 @@ _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "announce_maddrs": list,
     "initial_peers": list,
     "log_format": str,
+    "log_level": str,
     "heartbeat": (int, float),
     "ttl": (int, float),
     "stop_timeout": (int, float),
@@ -147,6 +152,9 @@ def build_config(cli: dict[str, Any]) -> DaemonConfig:
     log_format = pick("log_format") or "console"
     if log_format not in ("console", "json"):
         raise ConfigError(f"log_format must be 'console' or 'json', got {log_format!r}")
+    log_level = pick("log_level") or "info"
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level must be 'debug', 'info', 'warning' or 'error', got {log_level!r}")
     heartbeat = float(pick("heartbeat") or 30.0)
     ttl = float(pick("ttl") or 3 * heartbeat)
     stop_timeout = float(pick("stop_timeout") or DaemonConfig.stop_timeout_s)
@@ -158,7 +166,12 @@ def build_config(cli: dict[str, Any]) -> DaemonConfig:
             raise ConfigError(f"{name} must be > 0 seconds, got {value}")
     if ttl < heartbeat:
         raise ConfigError(f"ttl ({ttl} s) must be at least one heartbeat ({heartbeat} s), or peers flap")
-    host_defaults = HostSettings.from_dict(file_values.get("host", {}))
+    host_table = dict(file_values.get("host", {}))
+    data_roots = _data_roots(host_table.pop("data_roots", []), cli.get("config"))
+    allow_local_urls = host_table.pop("allow_local_urls", False)
+    if not isinstance(allow_local_urls, bool):
+        raise ConfigError(f"{cli.get('config')}: host.allow_local_urls must be true or false")
+    host_defaults = HostSettings.from_dict(host_table)
     if host_defaults.problems():
         key, message = host_defaults.problems()[0]
         raise ConfigError(f"{cli.get('config')}: host.{key} {message}")
@@ -176,6 +189,7 @@ def build_config(cli: dict[str, Any]) -> DaemonConfig:
         announce_maddrs=tuple(pick("announce_maddr", "announce_maddrs") or ()),
         initial_peers=tuple(pick("initial_peer", "initial_peers") or ()),
         log_format=log_format,
+        log_level=log_level,
         heartbeat_s=heartbeat,
         ttl_s=ttl,
         stop_timeout_s=stop_timeout,
@@ -185,4 +199,17 @@ def build_config(cli: dict[str, Any]) -> DaemonConfig:
         operator_group=operator_group,
         http=parse_http_address(http) if http else None,
         http_allow_remote=bool(allow_remote),
+        data_roots=data_roots,
+        allow_local_urls=allow_local_urls,
     )
+
+
+def _data_roots(value: Any, source: str | None) -> tuple[str, ...]:
+    """``[host] data_roots``: absolute folders (``~`` expanded) that confine a spec's local data reads."""
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{source}: host.data_roots must be a list of folders")
+    roots = tuple(os.path.expanduser(v) for v in value)
+    for root in roots:
+        if not os.path.isabs(root):
+            raise ConfigError(f"{source}: host.data_roots: {root!r} is not an absolute path")
+    return roots

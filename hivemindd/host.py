@@ -253,6 +253,7 @@ class Daemon:
         return TrainerLaunch(
             run_id=run_id, spec=spec, host=host, work_dir=str(self.paths.run_dir(run_id)),
             cache_dir=str(self.paths.cache), initial_peers=tuple(initial), host_maddrs=trainer_maddrs,
+            state_dir=str(self.paths.root), data_roots=self.cfg.data_roots, allow_local_urls=self.cfg.allow_local_urls,
         )
 
     async def _set_desired(self, desired: DesiredState, user_action: bool = True) -> None:

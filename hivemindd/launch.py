@@ -59,6 +59,10 @@ class TrainerLaunch:
     announce_maddrs: tuple[str, ...] = ()
     # hivemind's progress records of a killed peer linger this long (see HIVEMIND_NOTES).
     metadata_expiration_s: float = 30.0
+    # The host's rules for what the spec may make it read (trainer/read_policy.py): the operator's, not the spec's.
+    state_dir: str = ""  # the daemon's state dir: never read for a spec (its cache excepted); "" = not known
+    data_roots: tuple[str, ...] = ()  # [host] data_roots: local data only under these folders; () = unconfined
+    allow_local_urls: bool = False  # [host] allow_local_urls: spec URLs may reach loopback/link-local hosts
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -81,4 +85,5 @@ class TrainerLaunch:
         raw["host"] = HostSettings.from_dict(raw["host"])
         for key in ("initial_peers", "host_maddrs", "announce_maddrs"):
             raw[key] = tuple(raw[key])
+        raw["data_roots"] = tuple(raw.get("data_roots", ()))
         return cls(**raw)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import multiprocessing
+import os
+import shutil
+import subprocess
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +18,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from hivemindd.trainer import demo_data
+from hivemindd.trainer import data, demo_data
 from hivemindd.trainer.data import check_shard, expand_braces, resolve_shards, samples_from_shards, train_batches
 from hivemindd.trainer.errors import ConfigError
 
@@ -133,3 +138,83 @@ def test_train_batches_with_workers(tmp_path: Path) -> None:
         _, labels = next(batches)
         seen.update(int(x) for x in labels)
     assert seen == {1, 2, 3, 4, 5}
+
+
+# --- issue 11 item 6: bounded tar entries and class lists, regular files only ---------------------
+
+def _tar_with(path: Path, entries: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.skipif(shutil.which("tar") is None or "GNU" not in subprocess.run(
+    ["tar", "--version"], capture_output=True, text=True).stdout, reason="needs GNU tar for a sparse entry")
+def test_a_small_shard_declaring_a_20_gb_sparse_label_is_refused_unread(tmp_path: Path) -> None:
+    """10 KB on disk, 20 GB once read: tarfile fills the holes with zeros; the entry is refused by its header."""
+    big = tmp_path / "s0.cls"
+    with open(big, "wb") as f:
+        f.truncate(20 << 30)
+    subprocess.run(["tar", "--sparse", "-cf", str(tmp_path / "sparse.tar"), "-C", str(tmp_path), "s0.cls"], check=True)
+    assert (tmp_path / "sparse.tar").stat().st_size < 100_000
+    tally = data.ShardTally()
+    assert list(data.ShardReader(tally=tally)([{"url": str(tmp_path / "sparse.tar")}])) == []
+    assert tally.failed == 1
+    with open(tmp_path / "sparse.tar", "rb") as stream, \
+            pytest.raises(data.ShardError, match=r"'s0\.cls' declares 21474836480 bytes; entries over 1024 bytes"):
+        list(data.tar_entries(stream, "x"))
+    with pytest.raises(ConfigError, match=r"data\.train: .*sparse\.tar is not a readable tar shard .*declares"):
+        check_shard(str(tmp_path / "sparse.tar"), "data.train")
+
+
+def test_an_oversized_entry_fails_its_shard_before_it_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "MAX_TAR_ENTRY_BYTES", 4000)
+    image = io.BytesIO()
+    Image.new("RGB", (12, 12)).save(image, format="PNG")
+    _tar_with(tmp_path / "big.tar", [("a.png", image.getvalue()), ("a.cls", b"1"),
+                                     ("b.png", b"\0" * 5000), ("b.cls", b"2")])
+    tally = data.ShardTally()
+    samples = list(data.ShardReader(tally=tally)([{"url": str(tmp_path / "big.tar")}]))
+    assert samples == [] and tally.failed == 1  # skipped and counted, b.png never read
+
+
+def test_a_class_list_larger_than_the_cap_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "MAX_CLASS_LIST_BYTES", 1000)
+    (tmp_path / "classes.json").write_text(json.dumps([f"class-{i}" for i in range(200)]))
+    with pytest.raises(ConfigError, match=r"^data\.classes: cannot read the class list .* \(larger than"):
+        data.load_classes(str(tmp_path / "classes.json"))
+
+
+def test_a_class_list_that_is_a_fifo_or_a_device_is_refused_at_once(tmp_path: Path) -> None:
+    """Opening a FIFO for reading blocks until a writer comes; /dev/zero never ends. Neither is a regular file."""
+    os.mkfifo(tmp_path / "fifo.json")
+    os.symlink("/dev/zero", tmp_path / "zero.json")
+    errors: list[str] = []
+
+    def load_all() -> None:
+        for name in ("fifo.json", "zero.json"):
+            try:
+                data.load_classes(str(tmp_path / name))
+            except ConfigError as exc:
+                errors.append(str(exc))
+
+    worker = threading.Thread(target=load_all, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "load_classes blocked on a FIFO"
+    assert "fifo.json is not a regular file" in errors[0]
+    assert "a run spec may not read /dev" in errors[1]  # the symlink is followed before anything is opened
+
+
+def test_a_fifo_among_the_shards_is_skipped_not_waited_on(tmp_path: Path) -> None:
+    make_shard(tmp_path / "s-0.tar", [1])
+    os.mkfifo(tmp_path / "s-1.tar")
+    tally = data.ShardTally()
+    got: list[dict[str, object]] = []
+    worker = threading.Thread(target=lambda: got.extend(data.ShardReader(tally=tally)(
+        [{"url": str(tmp_path / "s-1.tar")}, {"url": str(tmp_path / "s-0.tar")}])), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive() and len(got) == 1 and tally.failed == 1

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from hivemindd.trainer import data
+from hivemindd.trainer import data, read_policy
 from hivemindd.trainer.data import (
     ShardReader,
     ShardTally,
@@ -169,8 +169,9 @@ def test_generation_is_pinned_while_a_shard_is_read(upload: Upload, monkeypatch:
 
 
 @pytest.fixture
-def http_dir(tmp_path: Path) -> Iterator[tuple[Path, str]]:
-    """A directory served over HTTP on loopback."""
+def http_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, str]]:
+    """A directory served over HTTP on loopback (which a host must allow: [host] allow_local_urls)."""
+    monkeypatch.setattr(read_policy, "_policy", read_policy.ReadPolicy(allow_local_urls=True))
     root = tmp_path / "www"
     root.mkdir()
 

@@ -19,6 +19,7 @@ from types import FrameType
 
 from hivemindd.launch import TrainerLaunch
 from hivemindd.spec import SpecError
+from hivemindd.trainer import read_policy
 from hivemindd.trainer.errors import ConfigError
 from hivemindd.trainer.events import EventWriter
 
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     try:
         launch = read_launch(args.launch)
+        read_policy.install(read_policy.for_launch(launch))  # before anything the spec names is opened
         # Imported late: torch and hivemind take seconds, and a bad launch file should fail fast.
         from hivemindd.trainer.loop import run
 

@@ -10,6 +10,11 @@ reads with the library's retry, the generation pinned per shard) or ``https://``
 URLs (urllib). A shard that cannot be read (missing, corrupt, network down, a
 label that cannot be mapped) costs a warning and is counted in ``ShardTally``;
 only when nothing can be read at all does the trainer stop, with a ConfigError.
+
+What a spec may make the host read (local folders, URL hosts, regular files only) is
+the host's read policy (``read_policy.py``); sizes are bounded here: a tar entry over
+MAX_TAR_ENTRY_BYTES (a label over MAX_LABEL_BYTES) fails its shard before it is read,
+and a class list over MAX_CLASS_LIST_BYTES is refused.
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import tarfile
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -33,11 +38,13 @@ import braceexpand
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
+from hivemindd.trainer import read_policy
 from hivemindd.trainer.demo_data import ensure_demo_shards
 from hivemindd.trainer.errors import ConfigError
 from hivemindd.trainer.folder_tree import TreeReader, index_path, is_folder_tree, load_or_build_index
+from hivemindd.trainer.read_policy import ReadPolicy, ReadRefused
 from hivemindd.trainer.transforms import Prefetcher, train_transform, val_transform
 
 log = logging.getLogger(__name__)
@@ -52,6 +59,12 @@ CHECK_ATTEMPTS = 4  # shards tried up front before a location is declared unread
 MAX_CONSECUTIVE_FAILURES = 32  # per loader worker: past this, the location is taken for unreadable
 MISSING_RETRY_S = 600.0  # a shard that was not found is drawn again after this long
 PREFETCH_BATCHES = 3  # batches decoded ahead by the prefetch thread when there are no loader workers
+# An entry is read whole into memory: a 10 KB shard may declare a 20 GB (sparse) entry. ImageNet's
+# largest JPEG is ~15 MB; labels are a few bytes.
+MAX_TAR_ENTRY_BYTES = 64 << 20
+MAX_LABEL_BYTES = 1024
+MAX_CLASS_LIST_BYTES = 16 << 20  # 100,000 names of ~100 bytes
+_META_ENTRY = re.compile(r"__[^/]*__($|/)")  # webdataset's own metadata entries, skipped as it does
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -104,6 +117,12 @@ def resolve_shards(url: str, key: str, cache_dir: str, classes: Sequence[str] | 
         return expand_braces(url)
     pattern = _local_pattern(url, key, cache_dir)
     paths = expand_braces(pattern)
+    policy = read_policy.current()
+    for path in paths:
+        try:
+            policy.check_local(path)
+        except ReadRefused as exc:
+            raise ConfigError(f"{key}: {exc}") from None
     present = [p for p in paths if Path(p).is_file()]
     if not present:
         raise ConfigError(f"{key}: no shards match {pattern}")
@@ -178,10 +197,11 @@ def _open_gcs(url: str) -> IO[bytes]:
     return stream
 
 
-def _open_http(url: str) -> IO[bytes]:
+def _open_http(url: str, policy: ReadPolicy | None = None) -> IO[bytes]:
+    opener = read_policy.url_opener(policy)  # refuses loopback/link-local hosts, redirects included
     for attempt in range(1, HTTP_ATTEMPTS + 1):
         try:
-            response: IO[bytes] = urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
+            response: IO[bytes] = opener.open(url, timeout=HTTP_TIMEOUT_S)
             return response
         except urllib.error.HTTPError as exc:
             exc.close()  # it holds the response and its socket; the status is all we need
@@ -196,15 +216,19 @@ def _open_http(url: str) -> IO[bytes]:
     raise AssertionError("unreachable")
 
 
-def open_location(url: str) -> IO[bytes]:
-    """A readable binary stream for a local path, file://, gs:// or https:// location."""
+def open_location(url: str, policy: ReadPolicy | None = None) -> IO[bytes]:
+    """A readable binary stream for a local path, file://, gs:// or https:// location.
+
+    ``policy`` (default: this process's) says which local files and URL hosts may be read;
+    ReadRefused when this is not one of them, or not a regular file.
+    """
     if url.startswith("gs://"):
         return _open_gcs(url)
     if url.startswith(("https://", "http://")):
-        return _open_http(url)
+        return _open_http(url, policy)
     if url.startswith("file://"):
         url = urlparse(url).path
-    return open(url, "rb")  # the caller closes it
+    return read_policy.open_local(url, policy)  # the caller closes it
 
 
 def _is_missing(exc: BaseException) -> bool:
@@ -221,7 +245,10 @@ def load_classes(location: str, key: str = "data.classes") -> list[str]:
     """The class list (a JSON list of names; index = position) at a path or URL."""
     try:
         with contextlib.closing(open_location(location)) as stream:
-            names = json.loads(stream.read())
+            raw = stream.read(MAX_CLASS_LIST_BYTES + 1)
+        if len(raw) > MAX_CLASS_LIST_BYTES:
+            raise ConfigError(f"larger than {MAX_CLASS_LIST_BYTES >> 20} MiB")
+        names = json.loads(raw)
     except Exception as exc:
         raise ConfigError(f"{key}: cannot read the class list {location} ({_first_line(exc)})") from None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
@@ -259,9 +286,10 @@ def check_shard(path: str, key: str, classes: Sequence[str] | None = None) -> No
             for member in itertools.islice(tar, 64):
                 names.append(member.name)
                 if first_label is None and member.name.endswith(".cls") and member.isreg():
+                    _check_entry_size(member)
                     extracted = tar.extractfile(member)
                     first_label = extracted.read() if extracted is not None else None
-    except (OSError, tarfile.TarError) as exc:
+    except (OSError, tarfile.TarError, ShardError) as exc:
         raise ConfigError(f"{key}: {path} is not a readable tar shard ({exc})") from None
     except Exception as exc:  # google.api_core errors (404, 403, …) after the library's retries
         raise ConfigError(f"{key}: {path} cannot be read ({_first_line(exc)})") from None
@@ -305,6 +333,7 @@ class ShardReader:
         self.classes = class_index(classes)
         self.tally = tally
         self.shard_count = shard_count  # distinct shards drawn from; 0: unknown
+        self.policy = read_policy.current()  # travels to loader workers with the reader
 
     def __call__(self, sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         # 404s, and when: drawing them again soon cannot help, but a shard re-uploaded (or replaced
@@ -335,20 +364,36 @@ class ShardReader:
                 missing.pop(url, None)
 
     def _read(self, url: str) -> Iterator[dict[str, Any]]:
-        with contextlib.closing(open_location(url)) as stream:
-            for sample in group_by_keys(self._files(stream, url)):
+        with contextlib.closing(open_location(url, self.policy)) as stream:
+            for sample in group_by_keys(tar_entries(stream, url)):
                 if "cls" in sample:
                     sample["cls"] = str(label_index(sample["cls"], self.classes)).encode()
                 yield sample
 
-    @staticmethod
-    def _files(stream: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
-        for file in tar_file_iterator(stream):
-            file["__url__"] = url
-            yield file
-
     def _give_up(self, why: str) -> None:
         raise NoReadableShards(f"{self.key}: no shard of {self.location or 'the data location'} could be read: {why}")
+
+
+def tar_entries(stream: IO[bytes], url: str) -> Iterator[dict[str, Any]]:
+    """``{"fname", "data", "__url__"}`` for each regular entry of a tar stream (webdataset's form), each checked
+    against MAX_TAR_ENTRY_BYTES (MAX_LABEL_BYTES for ``.cls``) before it is read: ShardError when too large."""
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if not member.isreg() or _META_ENTRY.match(member.name):
+                continue
+            _check_entry_size(member)
+            extracted = tar.extractfile(member)
+            if extracted is None:
+                continue
+            yield {"fname": member.name, "data": extracted.read(), "__url__": url}
+            tar.members = []  # type: ignore[attr-defined]  # a stream of 100,000s of entries: keep no list of them
+
+
+def _check_entry_size(member: tarfile.TarInfo) -> None:
+    limit = MAX_LABEL_BYTES if member.name.endswith(".cls") else MAX_TAR_ENTRY_BYTES
+    if member.size > limit:
+        raise ShardError(f"entry {member.name[:100]!r} declares {member.size} bytes; entries over {limit} bytes "
+                         "are refused")
 
 
 def samples_from_shards(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:

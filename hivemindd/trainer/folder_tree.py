@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from hivemindd.trainer import read_policy
 from hivemindd.trainer.errors import ConfigError
+from hivemindd.trainer.read_policy import ReadPolicy, ReadRefused
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ INDEX_FORMAT = 1
 LIST_THREADS = 16  # class folders listed at once
 READ_THREADS = 16  # image reads in flight per loader worker
 MAX_CONSECUTIVE_FAILURES = 64
+MAX_IMAGE_BYTES = 64 << 20  # a file read whole into memory; larger ones are skipped (as data.MAX_TAR_ENTRY_BYTES)
 PROGRESS_EVERY = 100  # class folders between listing progress lines
 
 
@@ -97,6 +100,11 @@ def _check_classes(index: TreeIndex, classes: Sequence[str] | None, key: str) ->
 def list_tree(url: str, key: str) -> TreeIndex:
     """List ``<url><class>/<image>`` files; ConfigError when the tree is missing or holds no images."""
     lister = _GcsLister(url) if url.startswith("gs://") else _LocalLister(url)
+    if isinstance(lister, _LocalLister):
+        try:
+            read_policy.current().check_local(lister.root)
+        except ReadRefused as exc:
+            raise ConfigError(f"{key}: {exc}") from None
     try:
         folders = sorted(lister.folders())
     except Exception as exc:
@@ -186,11 +194,12 @@ class TreeReader:
                  tally: Any = None) -> None:
         self.url, self.index_file, self.key, self.tally = url, index_file, key, tally
         self.classes = list(classes) if classes is not None else None
+        self.policy = read_policy.current()  # travels to loader workers with the reader
 
     def __call__(self) -> Iterator[dict[str, Any]]:  # a webdataset source stage
         index = read_index(Path(self.index_file))
         remap = self._remap(index)
-        read = _reader(self.url)
+        read = _reader(self.url, self.policy)
         rng = random.Random()  # seeded from the OS: every worker and every restart draws its own sequence
         in_flight: collections.deque[tuple[int, str, concurrent.futures.Future[bytes]]] = collections.deque()
         failures = 0
@@ -232,7 +241,7 @@ class TreeReader:
                                    f"the last with: {_first_line(exc)}")
 
 
-def _reader(url: str) -> Callable[[str], bytes]:
+def _reader(url: str, policy: ReadPolicy) -> Callable[[str], bytes]:
     if url.startswith("gs://"):
         parsed = urlparse(url)
         bucket_name, prefix = parsed.netloc, parsed.path.lstrip("/")
@@ -246,7 +255,8 @@ def _reader(url: str) -> Callable[[str], bytes]:
         _widen_connection_pool()
         return read_gcs
     root = _LocalLister(url).root
-    return lambda name: (root / name).read_bytes()
+    # Each file is checked on its own: a symlink in the tree must not lead out of what the policy allows.
+    return lambda name: read_policy.read_local(root / name, MAX_IMAGE_BYTES, policy)
 
 
 def _widen_connection_pool() -> None:
