@@ -180,12 +180,12 @@ def render_swarm(view: dict[str, Any]) -> str:
     """The swarm table and its totals, for ``hmctl status --swarm``."""
     if view.get("run_id") is None:
         return "not in a run (hmctl join --run-id ID): no swarm to show"
-    rows = [f"{'HOST':<18} {'PEER':<14} {'DOING':<14} {'STEP':>7} {'EPOCH':>6} {'SAMPLES/S':>9} {'LOSS':>7} "
+    rows = [f"{'HOST':<18} {'PEER':<14} {'DOING':<14} {'STEP':>7} {'GLOBAL STEP':>11} {'SAMPLES/S':>9} {'LOSS':>7} "
             f"{'VAL TOP-1':>9} {'DEVICE':<8} SEEN"]
     for p in view["peers"]:
         top1 = p.get("best_val_top1") if p.get("best_val_top1") is not None else p.get("val_top1")
         rows.append(f"{p['hostname'][:18]:<18} {p['peer_id'][:12] + '…':<14} {p['activity']:<14} "
-                    f"{_fmt(p.get('step'), 'd'):>7} {_fmt(p.get('epoch'), 'd'):>6} {_fmt(p.get('samples_per_s'), '.1f'):>9} "
+                    f"{_fmt(p.get('step'), 'd'):>7} {_fmt(p.get('epoch'), 'd'):>11} {_fmt(p.get('samples_per_s'), '.1f'):>9} "
                     f"{_fmt(p.get('loss'), '.4f'):>7} {_fmt(None if top1 is None else 100 * top1, '.1f') + '%':>9} "
                     f"{(p.get('device') or '-'):<8} {_duration(p['age_s'])} ago")
     t = view["totals"]
@@ -196,7 +196,7 @@ def render_swarm(view: dict[str, Any]) -> str:
     rows += [
         "",
         f"run {view['run_id']}: {t['training']} of {t['peers']} peer(s) training, {t['samples_per_s']:.1f} samples/s",
-        f"global epoch {_fmt(t.get('global_epoch'), 'd')}  dataset epochs {_fmt(done, '.2f')}{goal}{eta}",
+        f"global step {_fmt(t.get('global_epoch'), 'd')}  dataset epoch {_fmt(done, '.2f')}{goal}{eta}",
         f"best val top-1 {_fmt(None if best is None else 100 * best, '.1f')}%",
     ]
     if view.get("error"):
@@ -223,12 +223,16 @@ def render_status(st: dict[str, Any]) -> str:
         if t.get("step") is not None:
             loss = f"  loss {t['loss']:.4f}" if isinstance(t.get("loss"), (int, float)) else ""
             sps = f"  {t['samples_per_s']:.1f} samples/s" if isinstance(t.get("samples_per_s"), (int, float)) else ""
-            lines.append(f"progress  step {t['step']}  epoch {t.get('epoch')}{loss}{sps}  "
+            dataset = f" (dataset epoch {t['dataset_epoch']:.2f})" if isinstance(t.get("dataset_epoch"), (int, float)) \
+                else ""
+            lines.append(f"progress  step {t['step']}  global step {_fmt(t.get('epoch'), 'd')}{dataset}{loss}{sps}  "
                          f"checkpoint step {t.get('checkpoint_step')}")
             if t.get("shards_failed"):
                 lines.append(f"data      {t['shards_failed']} shard(s) could not be read and were skipped (hmctl logs)")
         if t.get("last_error"):
             lines.append(f"error     {t['last_error']}")
+        elif t.get("previous_error"):
+            lines.append(f"restarted after: {t['previous_error']}")
         for line in t.get("error_lines") or []:
             lines.append(f"  | {line}")
     state = d["state"] + (f": {d['error']}" if d.get("error") else "")

@@ -80,7 +80,7 @@ class LocalPeer:
 
 
 def render(peers: list[LocalPeer]) -> str:
-    rows = [f"{'PEER':<6} {'TRAINER':<10} {'STEP':>6} {'EPOCH':>6} {'LOSS':>8} {'SAMPLES/S':>10} {'CKPT':>6} {'PEERS':>5}"]
+    rows = [f"{'PEER':<6} {'TRAINER':<10} {'STEP':>6} {'GLOBAL STEP':>11} {'LOSS':>8} {'SAMPLES/S':>10} {'CKPT':>6} {'PEERS':>5}"]
     for peer in peers:
         st = peer.status()
         if st is None:
@@ -89,7 +89,7 @@ def render(peers: list[LocalPeer]) -> str:
         t = st["trainer"]
         loss = f"{t['loss']:.3f}" if isinstance(t.get("loss"), (int, float)) else "-"
         sps = f"{t['samples_per_s']:.1f}" if isinstance(t.get("samples_per_s"), (int, float)) else "-"
-        rows.append(f"{peer.name:<6} {t['state']:<10} {_dash(t.get('step')):>6} {_dash(t.get('epoch')):>6} "
+        rows.append(f"{peer.name:<6} {t['state']:<10} {_dash(t.get('step')):>6} {_dash(t.get('epoch')):>11} "
                     f"{loss:>8} {sps:>10} {_dash(t.get('checkpoint_step')):>6} {st['peers']:>5}")
     return "\n".join(rows)
 

@@ -30,7 +30,7 @@ from hivemindd.config import DaemonConfig
 from hivemindd.dht import HostDHT, end_stale_dht
 from hivemindd.discovery import DiscoveryError, PeerRecord, open_backend
 from hivemindd.discovery.agent import DiscoveryAgent
-from hivemindd.launch import HostSettings, TrainerLaunch
+from hivemindd.launch import HostSettings, TrainerLaunch, check_device
 from hivemindd.logfile import DaemonLogRing, TrainerLog
 from hivemindd.observer import Observer
 from hivemindd.process import PidFile, ProcessSpawner
@@ -46,7 +46,7 @@ from hivemindd.state import (
     write_atomic,
 )
 from hivemindd.supervisor import PauseChange, RestartPolicy, Supervisor
-from hivemindd.swarm_view import SwarmView, activity
+from hivemindd.swarm_view import TRAINING, SwarmView, activity
 
 log = structlog.get_logger(__name__)
 
@@ -77,6 +77,7 @@ class Daemon:
         self.supervisor: Supervisor | None = None
         self.trainer_log: TrainerLog | None = None
         self.observer: Observer | None = None
+        self.started = False  # start() ran to its end: only then does stop() announce a stop
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -133,6 +134,7 @@ class Daemon:
         self._reconcile(user_action=False)
         log.info("daemon.started", peer_id=self.dht.peer_id, socket=str(self.cfg.socket), run_id=self.desired.run_id,
                  paused=self.desired.paused, discovery=self.cfg.discovery, version=__version__)
+        self.started = True
 
     async def run(self) -> None:
         await self._stop_event.wait()
@@ -141,7 +143,9 @@ class Daemon:
         self._stop_event.set()
 
     async def stop(self) -> None:
-        log.info("daemon.stopping")
+        """Undo whatever start() did, in reverse; quietly when it never finished (the error says why)."""
+        if self.started:
+            log.info("daemon.stopping")
         if self._http_runner is not None:
             await self._http_runner.cleanup()
         if self._runner is not None:
@@ -161,7 +165,9 @@ class Daemon:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-        log.info("daemon.stopped")
+        if self.started:
+            log.info("daemon.stopped")
+        self.started = False
 
     def _lock_state_dir(self) -> None:
         fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
@@ -269,6 +275,7 @@ class Daemon:
         assert self.dht is not None and self.agent is not None and self.supervisor is not None
         trainer = self.supervisor.snapshot()
         trainer["error_lines"] = self.supervisor.error_lines()
+        trainer["dataset_epoch"] = self._dataset_epoch(trainer.get("epoch"))
         return {
             "version": __version__,
             "hostname": self.hostname,
@@ -286,13 +293,26 @@ class Daemon:
             "http": None if self.http_url is None else {"url": self.http_url, "token_file": str(self.paths.http_token)},
         }
 
+    def _dataset_epoch(self, global_step: Any) -> float | None:
+        """Passes over the training set that ``global_step`` swarm-wide optimizer steps make (milestones count these)."""
+        if self.desired.run_id is None or not isinstance(global_step, int) or isinstance(global_step, bool):
+            return None
+        facts = self._observer().facts(self.desired.run_id)
+        if facts is None or facts.train_samples <= 0:
+            return None
+        return round(global_step * facts.target_batch_size / facts.train_samples, 2)
+
     def peers(self) -> list[dict[str, Any]]:
         """Discovery's fresh peers, each with what it is doing (from its DHT progress record when it has one)."""
         assert self.agent is not None
         found = self.agent.peers()
         swarm = self._observer().swarm
         for peer in found:
-            peer["activity"] = swarm.activity_of(peer["peer_id"]) or activity(peer.get("state"), None)
+            # Without a progress record (not read yet, another run, DHT apart) only the discovery record's
+            # trainer state is known: a running trainer there is training, not "starting".
+            state = peer.get("state")
+            peer["activity"] = swarm.activity_of(peer["peer_id"]) or (TRAINING if state == "running"
+                                                                      else activity(state, None))
         return found
 
     # --- what the dashboard, Prometheus and hmctl status --swarm read (observer.py) ----------
@@ -332,6 +352,12 @@ class Daemon:
         )
         for field, message in host.problems():
             raise RequestError(f"{field} {message}", field=field)
+        # Refused now, not 8 s later in status with a retry minutes away; and before a run is created.
+        device = await check_device(host.device)
+        if device.usable is False:
+            raise RequestError(device.message, field="device", status=409, code="device_unavailable")
+        if device.usable is None:
+            log.warning("run.device_unchecked", device=host.device, reason=device.message)
         spec, created = await self._resolve_spec(request)
         write_atomic(self.paths.run_spec(request.run_id), spec.to_json().encode())
         await self._set_desired(self.desired.joined(request.run_id, host))

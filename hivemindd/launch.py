@@ -6,8 +6,10 @@ back on an inherited fd, see ``trainer/events.py``). Pure stdlib.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,60 @@ class HostSettings:
     def from_dict(cls, raw: dict[str, Any]) -> HostSettings:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+# Runs the trainer's own device choice in a fresh interpreter: the daemon imports no torch, and
+# the refusal is the trainer's message word for word. Exit 2 (the trainer's config-error code): refused.
+_DEVICE_PROBE = """
+import sys
+from hivemindd.trainer.errors import ConfigError
+from hivemindd.trainer.model import select_device
+try:
+    select_device(sys.argv[1])
+except ConfigError as exc:
+    print(exc)
+    sys.exit(2)
+"""
+
+
+@dataclass(frozen=True)
+class DeviceCheck:
+    """Whether this machine can train on a device: True, False (``message`` says why), or None (could not tell)."""
+
+    usable: bool | None
+    message: str = ""
+
+
+async def check_device(device: str, timeout_s: float = 60.0) -> DeviceCheck:
+    """Ask torch, in a subprocess, whether ``device`` exists here; ``auto`` and ``cpu`` always do.
+
+    Seconds (torch's import) for ``cuda`` and ``mps`` only. A probe that times out or crashes
+    decides nothing: the trainer then tries, and says what it finds.
+    """
+    if device not in ("cuda", "mps"):
+        return DeviceCheck(True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-P", "-c", _DEVICE_PROBE, device,  # -P: nothing from the current directory
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(timeout_s):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return DeviceCheck(None, f"the device check took longer than {timeout_s:.0f} s")
+    except asyncio.CancelledError:
+        proc.kill()
+        await proc.wait()
+        raise
+    said = (out.decode(errors="replace").strip().splitlines() or [""])[-1]
+    if proc.returncode == 0:
+        return DeviceCheck(True)
+    if proc.returncode == 2 and said:
+        return DeviceCheck(False, said)
+    tail = (err.decode(errors="replace").strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+    return DeviceCheck(None, f"the device check failed: {tail}")
 
 
 @dataclass(frozen=True)

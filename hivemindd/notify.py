@@ -197,7 +197,7 @@ def status_line(status: Mapping[str, Any]) -> str:
         return f"restarting {run_id} after a failure (restarts: {trainer.get('restarts', 0)}){suffix}"
     if state == "running":
         epoch = trainer.get("epoch")
-        where = f", epoch {epoch}" if epoch is not None else ""
+        where = f", global step {epoch}" if epoch is not None else ""
         return f"training {run_id}{where}, {peers} peer{'s' if peers != 1 else ''}{suffix}"
     return f"{state or 'starting'} {run_id}, {peers} peer{'s' if peers != 1 else ''}{suffix}"
 

@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import structlog
@@ -30,6 +31,9 @@ EXIT_CONFIG_ERROR = 2  # the trainer's "restarting will not fix this" exit code
 PAUSE_RECHECK_S = 30.0
 # Progress fields the trainer reports that status shows as they are.
 _REPORTED = ("step", "epoch", "loss", "samples_per_s", "lr", "samples", "shards_failed")
+# What status keeps about a run from one trainer attempt to the next: the checkpoint on disk outlives
+# the process. Everything else the trainer reported (progress, warnings, its peer id) belongs to one attempt.
+_RUN_FACTS = ("checkpoint_step",)
 
 
 class TrainerState(enum.Enum):
@@ -167,11 +171,15 @@ class Supervisor:
         self._started_at = 0.0
         self._checkpointed = False
         self._base_step = 0  # the step this trainer process resumed at: run_steps counts from there
+        self._attempt = 0  # numbers trainer starts, so events of an earlier process are told apart
+        self._attempt_key: str | None = None  # the desired key the current attempt was started for
+        self._attempt_log_seq = 0  # the trainer log's last line before the current attempt began
         self._finished_key: str | None = None  # a run whose trainer said "finished" ([run] max_epochs): not restarted
         self._stop_requested = False
         self.restarts = 0
         self.info: dict[str, Any] = {}  # what the trainer reported: step, epoch, loss …
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # why the current attempt failed (or is failing)
+        self.previous_error: str | None = None  # why the attempt before it failed, until this one trains
         self.last_exit_code: int | None = None
 
     # --- what the daemon says --------------------------------------------------------------
@@ -182,8 +190,10 @@ class Supervisor:
 
         ``until`` and ``after_checkpoint`` qualify a pause: see ``Desired``.
         """
-        if key != self._desired.key:
+        if key != self._desired.key:  # another run (or none): nothing known so far is about it
             self.info = {}
+            self.last_error = self.previous_error = None
+            self.last_exit_code = None
         if user_action or key != self._desired.key:
             self._finished_key = None  # rejoining a finished run asks the trainer again (it says "finished" at once)
         self._desired = Desired(key, factory, paused, until if paused else None, paused and after_checkpoint)
@@ -201,6 +211,7 @@ class Supervisor:
             "since_s": round(self._clock() - self._since, 1),
             "retry_in_s": retry_in if self.state in (S.BACKOFF, S.CRASHLOOP) else None,
             "last_error": self.last_error,
+            "previous_error": self.previous_error,
             "last_exit_code": self.last_exit_code,
             "step": self.info.get("step"),
             "epoch": self.info.get("epoch"),
@@ -217,7 +228,14 @@ class Supervisor:
         }
 
     def error_lines(self, n: int = 20) -> list[str]:
-        return self._log.tail(n) if self.state in (S.CRASHLOOP, S.BACKOFF) else []
+        """The failed attempt's own last lines (its output and the daemon's notes on it), while it is down.
+
+        Only lines written since that attempt began: the tail of the file would also show the previous
+        trainer's shutdown, which says nothing about why this one failed.
+        """
+        if self.state not in (S.CRASHLOOP, S.BACKOFF):
+            return []
+        return [line for _, line in self._log.after(self._attempt_log_seq, 1 << 30)][-n:]
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -276,15 +294,22 @@ class Supervisor:
         was_failure = self.state in (S.BACKOFF, S.CRASHLOOP)
         self._retry_at = None
         reason = "restart after failure" if was_failure else "resumed" if self.state is S.PAUSED else "run joined"
+        # A new attempt: what the previous one reported or failed with is no longer this trainer's.
+        self._attempt += 1
+        self._attempt_key = key
+        self._attempt_log_seq = self._log.seq
+        self.info = {k: v for k, v in self.info.items() if k in _RUN_FACTS}
+        self.previous_error = self.last_error if was_failure else None  # shown as the previous attempt's
+        self.last_error = None
         self.transition(S.STARTING, reason)
         self._started_at = self._clock()  # a failed spawn must count as a fast failure too
         self._checkpointed = False  # this run saved progress (see RestartTracker.record_exit)
         self._base_step = 0
-        self.info["run_steps"] = 0  # steps this trainer process took (stale step/loss stay until it reports)
+        self.info["run_steps"] = 0  # steps this trainer process took
         self._last_event_at = self._clock()
         try:
             launch = factory()
-            handle = await self._spawner.spawn(launch, self._on_event, self._log.write)
+            handle = await self._spawner.spawn(launch, partial(self._on_event, self._attempt), self._log.write)
         except Exception as exc:  # a launch we cannot even build or exec: treat as a failed start
             self.last_error = f"cannot start the trainer: {exc}"
             log.error("trainer.spawn_failed", error=str(exc))
@@ -292,9 +317,6 @@ class Supervisor:
             return
         if was_failure:
             self.restarts += 1
-        # Facts about the previous process go; its progress stays visible until the new one reports.
-        self.info.pop("resumed_from", None)
-        self.info.pop("peer_id", None)
         self._handle, self._handle_key = handle, key
         self._stop_requested = False
         log.info("trainer.spawned", pid=handle.pid, run=key)
@@ -379,7 +401,8 @@ class Supervisor:
             self._log.note(f"trainer did not stop within {self._stop_timeout_s:.0f} s; killing it")
             handle.kill()
             code = await handle.wait()
-        self.last_exit_code = code
+        if self._attempt_key == self._desired.key:  # a trainer of a run we left says nothing about the next one
+            self.last_exit_code = code
         self._handle = self._handle_key = None
         self.transition(S.PAUSED if self._desired.paused and self._desired.key else S.STOPPED, f"exited with {code}")
 
@@ -412,8 +435,12 @@ class Supervisor:
             async with asyncio.timeout(None if timeout is None else max(0.0, timeout)):
                 await self._changed.wait()
 
-    def _on_event(self, event: dict[str, Any]) -> None:
+    def _on_event(self, attempt: int, event: dict[str, Any]) -> None:
+        if attempt != self._attempt:
+            return  # an earlier trainer process, still draining: its news is not this attempt's
         self._last_event_at = self._clock()
+        if self._attempt_key != self._desired.key:
+            return  # the owner left this run (or changed its settings): the trainer is on its way out
         kind = event["type"]
         fields: dict[str, Any] = {k: event[k] for k in _REPORTED if k in event}
         self.info.update(fields)
@@ -426,7 +453,7 @@ class Supervisor:
             self._base_step = int(event.get("step") or 0)
             self.info.setdefault("checkpoint_step", event.get("step") if event.get("source") == "checkpoint" else None)
         elif kind == "progress":
-            self.last_error = None
+            self.last_error = self.previous_error = None
             self.info["run_steps"] = max(0, int(event.get("step") or 0) - self._base_step)
         elif kind in ("checkpoint", "stopped"):
             step = event.get("checkpoint_step", event.get("step"))

@@ -64,7 +64,7 @@ class ProgressRecord:
     updated: float  # unix time of publication
     trainer_peer_id: str | None = None
     step: int | None = None
-    epoch: int | None = None  # hivemind (global) epoch this host is at
+    epoch: int | None = None  # the global step this host is at (hivemind's "epoch"; users read "global step")
     samples_per_s: float | None = None
     loss: float | None = None
     lr: float | None = None
@@ -130,7 +130,11 @@ class RunFacts:
 
 
 def totals(records: list[ProgressRecord], facts: RunFacts | None) -> dict[str, Any]:
-    """Swarm samples/s, global epoch, dataset epochs done, ETA to the last milestone, best val top-1."""
+    """Swarm samples/s, global step, dataset epochs done, ETA to the last milestone, best val top-1.
+
+    ``global_epoch`` is the global step (hivemind's epoch: one optimizer step of the whole swarm,
+    ``target_batch_size`` samples); ``dataset_epochs`` counts passes over the training set, as milestones do.
+    """
     training = [r for r in records if r.activity == TRAINING]
     rate = sum(r.samples_per_s or 0.0 for r in training)
     epochs = [r.epoch for r in records if r.epoch is not None]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from hivemindd.cli import main, render_status
+from hivemindd.cli import main, render_status, render_swarm
 from hivemindd.protocol import EX_UNAVAILABLE
 
 
@@ -47,7 +47,7 @@ def test_status_rendering_shows_crashloop_errors() -> None:
     }
     text = render_status(status)
     assert "crashloop" in text and "retry in 4m" in text and "no shards match" in text and "| OSError: x" in text
-    assert "step 120  epoch 3" in text
+    assert "step 120  global step 3" in text
 
 
 def test_bad_pause_duration_is_refused_before_asking_the_daemon(tmp_path: Path) -> None:
@@ -71,3 +71,39 @@ def test_status_rendering_shows_the_pause_and_the_http_listener() -> None:
     assert "http      http://127.0.0.1:8080  (bearer token in /s/http.token)" in text
     status["pause"] = None  # a daemon from before timed pauses
     assert "paused indefinitely" in render_status(status)
+
+
+def test_status_and_swarm_never_say_a_bare_epoch() -> None:
+    """Issue 10: "epoch" meant hivemind's global step in status and dataset epochs in the spec's milestones."""
+    status = {
+        "peer_id": "QmA", "hostname": "h", "version": "0.1.0", "run_id": "demo", "paused": False,
+        "host": {"device": "cpu", "batch_size": 8, "workers": 0}, "peers": 1,
+        "discovery": {"url": "file:///d", "state": "ok", "error": None},
+        "trainer": {"state": "running", "since_s": 5, "retry_in_s": None, "pid": 7, "restarts": 0, "step": 1687,
+                    "epoch": 160, "dataset_epoch": 5.12, "loss": 0.2007, "samples_per_s": 30.0,
+                    "checkpoint_step": 1680, "last_error": None, "error_lines": []},
+    }
+    text = render_status(status)
+    assert "step 1687  global step 160 (dataset epoch 5.12)  loss 0.2007" in text
+    view = {"run_id": "demo", "error": None, "read_age_s": 1.0, "totals": {
+        "peers": 1, "training": 1, "samples_per_s": 30.0, "global_epoch": 160, "dataset_epochs": 5.12,
+        "last_milestone": 30, "eta_s": 100.0, "best_val_top1": None},
+        "peers": [{"hostname": "h", "peer_id": "QmA", "activity": "training", "step": 1687, "epoch": 160,
+                   "samples_per_s": 30.0, "loss": 0.2, "age_s": 1.0}]}
+    swarm = render_swarm(view)
+    assert "GLOBAL STEP" in swarm and "global step 160  dataset epoch 5.12 of 30 (last milestone)" in swarm
+    for rendered in (text, swarm):
+        bare = [w for w in rendered.lower().replace("dataset epoch", "").split() if w.startswith("epoch")]
+        assert bare == [], rendered
+
+
+def test_status_labels_the_previous_attempts_error_as_such() -> None:
+    status = {
+        "peer_id": "QmA", "hostname": "h", "version": "0.1.0", "run_id": "demo", "paused": False,
+        "host": {"device": "cpu", "batch_size": 8, "workers": 0}, "peers": 1,
+        "discovery": {"url": "file:///d", "state": "ok", "error": None},
+        "trainer": {"state": "starting", "since_s": 1, "retry_in_s": None, "pid": 7, "restarts": 1, "step": None,
+                    "last_error": None, "previous_error": "trainer hung: no progress for 900 s", "error_lines": []},
+    }
+    text = render_status(status)
+    assert "restarted after: trainer hung" in text and "error     " not in text

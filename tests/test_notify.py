@@ -154,7 +154,7 @@ def test_status_line_says_what_a_person_wants_to_know() -> None:
     assert status_line(idle) == "idle, not joined"
     assert status_line({**idle, "discovery": {"state": "degraded"}}) == "idle, not joined (discovery degraded)"
     training = {**idle, "run_id": "imagenet-distributed", "peers": 3, "trainer": {"state": "running", "epoch": 12}}
-    assert status_line(training) == "training imagenet-distributed, epoch 12, 3 peers"
+    assert status_line(training) == "training imagenet-distributed, global step 12, 3 peers"
     crash = {**idle, "run_id": "r", "trainer": {"state": "crashloop", "last_error": "data.train: no shard readable\nTraceback"}}
     assert status_line(crash) == "crashloop: data.train: no shard readable"
     paused = {**idle, "run_id": "r", "paused": True, "pause": {"until": "2030-01-01T10:00:00Z"}}
@@ -165,7 +165,7 @@ def test_status_line_says_what_a_person_wants_to_know() -> None:
 
 
 def test_heartbeat_sends_status_only_on_change_and_pings_from_the_loop(fake_systemd: FakeSystemd) -> None:
-    summaries = iter(["idle, not joined"] * 3 + ["training r, epoch 1, 0 peers"] * 1000)
+    summaries = iter(["idle, not joined"] * 3 + ["training r, global step 1, 0 peers"] * 1000)
 
     async def go() -> None:
         notifier = Notifier(fake_systemd.address, watchdog_usec=100_000)  # ping every 0.05 s
@@ -175,7 +175,7 @@ def test_heartbeat_sends_status_only_on_change_and_pings_from_the_loop(fake_syst
         while time.monotonic() < deadline and len(fake_systemd.values("WATCHDOG")) < 5:
             await asyncio.sleep(0.02)
         assert len(fake_systemd.values("WATCHDOG")) >= 5
-        while time.monotonic() < deadline and "training r, epoch 1, 0 peers" not in fake_systemd.values("STATUS"):
+        while time.monotonic() < deadline and "training r, global step 1, 0 peers" not in fake_systemd.values("STATUS"):
             await asyncio.sleep(0.02)
         # A wedged loop must not ping: at most the one already in flight arrives while the loop is blocked.
         before = len(fake_systemd.values("WATCHDOG"))
@@ -188,7 +188,7 @@ def test_heartbeat_sends_status_only_on_change_and_pings_from_the_loop(fake_syst
     asyncio.run(go())
     statuses = fake_systemd.values("STATUS")
     assert fake_systemd.snapshot()[0][1] == {"READY": "1", "STATUS": "idle, not joined"}
-    assert statuses == ["idle, not joined", "training r, epoch 1, 0 peers", "stopping: the trainer checkpoints first"]
+    assert statuses == ["idle, not joined", "training r, global step 1, 0 peers", "stopping: the trainer checkpoints first"]
     assert fake_systemd.values("STOPPING") == ["1"]
     # Pings go on after STOPPING=1: systemd still enforces the watchdog while the trainer checkpoints.
     stop_at = next(i for i, (_, f) in enumerate(fake_systemd.snapshot()) if "STOPPING" in f)

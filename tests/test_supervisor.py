@@ -129,7 +129,7 @@ def test_start_ready_crash_restart_pause_resume_leave(tmp_path: Path) -> None:
         spawner.handles[0].finish(-9)  # killed from outside
         await until(lambda: len(spawner.handles) == 2)
         assert sup.restarts == 1 and sup.state is S.STARTING
-        assert sup.snapshot()["step"] == 7  # last known progress stays visible across the restart
+        assert sup.snapshot()["step"] is None  # the dead process's progress is not the new one's (issue 10)
         sup.want("demo", launch, paused=True, user_action=True)
         await until(lambda: sup.state is S.PAUSED)
         assert spawner.handles[1].signals == ["TERM"] and sup.snapshot()["pid"] is None
@@ -164,7 +164,7 @@ def test_trainers_killed_after_steps_of_their_own_are_never_parked(tmp_path: Pat
         for n in range(1, 6):
             await until(lambda n=n: len(spawner.handles) == n)  # type: ignore[misc]
             spawner.on_event({"type": "started", "peer_id": "Qm1"})
-            assert sup.snapshot()["run_steps"] == 0  # the step shown is still the last process's
+            assert sup.snapshot()["run_steps"] == 0  # a new process: no steps of its own yet
             spawner.on_event({"type": "resumed", "source": "checkpoint", "step": 10, "epoch": 1})
             spawner.on_event({"type": "progress", "step": 13, "epoch": 1})
             assert sup.snapshot()["run_steps"] == 3
@@ -214,7 +214,9 @@ def test_a_silent_trainer_is_killed_restarted_and_reported(tmp_path: Path) -> No
         assert spawner.handles[0].signals == []
         await until(lambda: len(spawner.handles) == 2)  # then silence: killed and restarted
         assert spawner.handles[0].signals == ["KILL"]
-        assert sup.restarts == 1 and "hung" in (sup.snapshot()["last_error"] or "")
+        # Why it was restarted, as the previous attempt's error (issue 10: errors belong to an attempt).
+        assert sup.restarts == 1 and "hung" in (sup.snapshot()["previous_error"] or "")
+        assert sup.snapshot()["last_error"] is None
         assert any("sent nothing for" in line for line in sup._log.tail(20))  # in the trainer log, for hmctl logs
     with_supervisor(scenario, tmp_path, hang_timeout_s=0.25)
 
@@ -250,3 +252,79 @@ def test_illegal_transition_is_refused(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError, match="stopped → running"):
             sup.transition(S.RUNNING, "no trainer exists")
     with_supervisor(scenario, tmp_path)
+
+
+def test_progress_errors_and_warnings_belong_to_one_run_and_one_attempt(tmp_path: Path) -> None:
+    """Issue 10: after leave + join of another run, status showed the old run's step, epoch and loss."""
+    async def scenario(sup: Supervisor, spawner: FakeSpawner) -> None:
+        sup.want("old", launch, paused=False)
+        await until(lambda: len(spawner.handles) == 1)
+        old_events = spawner.on_event
+        old_events({"type": "started", "peer_id": "QmOld"})
+        old_events({"type": "progress", "step": 1687, "epoch": 160, "loss": 0.2007})
+        old_events({"type": "warning", "message": "latest.pt is corrupt"})
+        spawner.obeys_sigterm = False  # the old trainer takes its time to checkpoint and leave …
+        spawner.handles[0].obeys_sigterm = False
+        sup.want(None, None, paused=False, user_action=True)  # leave
+        await until(lambda: sup.state is S.STOPPING)
+        # … and reports while it goes: none of it may show up for the host (nor for the next run).
+        old_events({"type": "progress", "step": 1688, "epoch": 160, "loss": 0.2})
+        old_events({"type": "stopped", "step": 1688, "checkpoint_step": 1688})
+        old_events({"type": "error", "message": "FileNotFoundError: shard gone"})
+        sup.want("new", launch, paused=False, user_action=True)  # join another run while it stops
+        snap = sup.snapshot()
+        assert (snap["step"], snap["epoch"], snap["loss"], snap["checkpoint_step"]) == (None, None, None, None)
+        assert snap["last_warning"] is None and snap["last_error"] is None and snap["trainer_peer_id"] is None
+        spawner.handles[0].finish(-9)
+        await until(lambda: len(spawner.handles) == 2)
+        old_events({"type": "progress", "step": 1689, "epoch": 161, "loss": 0.1})  # a late line from the old pipe
+        snap = sup.snapshot()
+        assert snap["step"] is None and snap["epoch"] is None and snap["last_exit_code"] is None
+        spawner.on_event({"type": "started", "peer_id": "QmNew"})
+        spawner.on_event({"type": "resumed", "source": "fresh", "step": 0, "epoch": 0})
+        spawner.on_event({"type": "progress", "step": 3, "epoch": 0, "loss": 2.3})
+        assert (sup.snapshot()["step"], sup.snapshot()["trainer_peer_id"]) == (3, "QmNew")
+
+        # Within one run, a new attempt starts clean too; the checkpoint on disk is the run's and stays.
+        spawner.on_event({"type": "checkpoint", "step": 3})
+        spawner.on_event({"type": "warning", "message": "checkpoint disk nearly full"})
+        spawner.on_event({"type": "error", "message": "RuntimeError: CUDA error"})
+        spawner.handles[1].finish(1)
+        await until(lambda: sup.state is S.BACKOFF or len(spawner.handles) == 3)
+        await until(lambda: len(spawner.handles) == 3)
+        snap = sup.snapshot()
+        assert snap["step"] is None and snap["loss"] is None and snap["last_warning"] is None
+        assert snap["last_error"] is None and snap["checkpoint_step"] == 3
+        assert snap["previous_error"] == "RuntimeError: CUDA error"  # labelled as the attempt before this one
+        spawner.handles[2].finish(1)  # dies without a word: its own exit code, not the last attempt's message
+        await until(lambda: sup.state is S.BACKOFF)
+        assert sup.snapshot()["last_error"] == "trainer exited with code 1"
+        sup.want("other", launch, paused=False, user_action=True)
+        assert sup.snapshot()["previous_error"] is None and sup.snapshot()["last_error"] is None
+    with_supervisor(scenario, tmp_path)
+
+
+def test_crashloop_shows_the_failing_attempts_own_lines(tmp_path: Path) -> None:
+    """Issue 10: under crashloop, status showed the previous trainer's shutdown traceback instead."""
+    async def scenario(sup: Supervisor, spawner: FakeSpawner) -> None:
+        sup.want("old", launch, paused=False)
+        await until(lambda: len(spawner.handles) == 1)
+        previous = ["Traceback (most recent call last):", "FileNotFoundError: [Errno 2] shard-000.tar",
+                    "Task was destroyed but it is pending!"]
+        for line in previous:  # the old trainer's shutdown, written to the log as it leaves
+            sup._log.write(line)
+        sup.want(None, None, paused=False, user_action=True)
+        await until(lambda: sup.state is S.STOPPED)
+        sup.want("new", launch, paused=False, user_action=True)
+        await until(lambda: len(spawner.handles) == 2)
+        sup._log.write("2025-01-31 14:05:00,123 ERROR hivemindd.trainer: host.device: 'cuda' was asked for but "
+                       "torch sees no CUDA GPU (use 'auto' or 'cpu')")
+        spawner.on_event({"type": "error", "message": "host.device: 'cuda' was asked for"})
+        spawner.handles[1].finish(2)
+        await until(lambda: sup.state is S.CRASHLOOP)
+        lines = sup.error_lines()
+        assert any("torch sees no CUDA GPU" in line for line in lines)
+        assert any("-> crashloop" in line for line in lines)  # the daemon's note on this attempt stays
+        assert not set(previous) & set(lines), lines
+        assert len(sup.error_lines(1)) == 1 and "-> crashloop" in sup.error_lines(1)[0]
+    with_supervisor(scenario, tmp_path, crashloop_cooldown_s=60)
