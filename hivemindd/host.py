@@ -85,7 +85,10 @@ class Daemon:
         if not self.cfg.http_is_loopback and not self.cfg.http_allow_remote:
             raise StartupError(f"--http {self.cfg.http[0]} is not a loopback address: others could reach the API; "  # type: ignore[index]
                                "use 127.0.0.1:PORT, or pass --http-allow-remote if that is what you want")
-        self.paths.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.paths.make_root()
+        except StateError as exc:
+            raise StartupError(str(exc)) from None
         self._lock_state_dir()
         try:
             self.desired = load_state(self.paths.state_file)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import secrets
+import stat
 import tempfile
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -48,6 +49,17 @@ class StatePaths:
     """Where everything lives under one state directory."""
 
     root: Path
+
+    def make_root(self) -> None:
+        """Create the state directory 0700, and tighten one that exists: mkdir's mode applies only to new folders."""
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        mode = stat.S_IMODE(self.root.stat().st_mode)
+        if mode & 0o077:
+            try:
+                os.chmod(self.root, mode & ~0o077)
+            except OSError as exc:
+                raise StateError(f"{self.root} is open to other users (mode {mode:o}) and cannot be made private: "
+                                 f"{exc.strerror}; run `chmod 700 {self.root}` or pass another --state-dir") from None
 
     @property
     def state_file(self) -> Path:

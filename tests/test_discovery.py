@@ -70,13 +70,14 @@ def test_backend_refuses_keys_outside_its_root(tmp_path: Path) -> None:
 
 def test_conditional_delete_spares_a_refreshed_record(tmp_path: Path) -> None:
     backend = FileBackend(tmp_path.as_uri())
-    run(backend.put("hosts/a.json", b"1"))
+    key = f"hosts/{PEER_B}.json"
+    run(backend.put(key, b"1"))
     [listed] = run(backend.list("hosts/"))
-    os.utime(tmp_path / "hosts/a.json", ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))  # refreshed meanwhile
-    assert run(backend.delete("hosts/a.json", if_version=listed.version)) is False
-    assert (tmp_path / "hosts/a.json").exists()
+    os.utime(tmp_path / key, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))  # refreshed meanwhile
+    assert run(backend.delete(key, if_version=listed.version)) is False
+    assert (tmp_path / key).exists()
     [listed] = run(backend.list("hosts/"))
-    assert run(backend.delete("hosts/a.json", if_version=listed.version)) is True
+    assert run(backend.delete(key, if_version=listed.version)) is True
 
 
 class Capture:
@@ -100,7 +101,7 @@ def test_agent_sees_fresh_peers_ignores_garbage_and_collects_stale(tmp_path: Pat
     (folder / f"{PEER_B}.json").write_bytes(record(PEER_B).to_json())
     (folder / "garbage.json").write_bytes(b"\x00\x01 not json")
     (folder / "wrong.json").write_text(json.dumps({"peer_id": 5}))
-    stale = folder / "QmStaleStaleStaleStaleStaleStaleStaleStale1234.json"
+    stale = folder / "QmStaLeStaLeStaLeStaLeStaLeStaLeStaLeStaLe1234.json"  # base58: a peer id's name
     stale.write_bytes(b"{}")
     old = time.time() - 1000  # 100 TTLs ago
     os.utime(stale, (old, old))

@@ -80,11 +80,14 @@ def test_agent_ignores_garbage_objects_and_collects_the_long_dead(gcs: GcsEmulat
     from google.cloud import storage
 
     bucket = storage.Client().bucket("test-bucket")
-    bucket.blob("hm/runs/demo/peers/no-metadata.json").upload_from_string(b"whatever")
-    junk = bucket.blob("hm/runs/demo/peers/junk.json")
+    # Named like peer records (only those are ever deleted), and one that is not.
+    no_metadata, junk_id, hostile_id = (f"Qm{c}" + PEER_B[3:] for c in "xyz")
+    bucket.blob(f"hm/runs/demo/peers/{no_metadata}.json").upload_from_string(b"whatever")
+    bucket.blob("hm/runs/demo/peers/notes.json").upload_from_string(b"someone else's")
+    junk = bucket.blob(f"hm/runs/demo/peers/{junk_id}.json")
     junk.metadata = {"record": "\u0000{not json"}
     junk.upload_from_string(b"")
-    hostile = bucket.blob("hm/runs/demo/peers/hostile.json")
+    hostile = bucket.blob(f"hm/runs/demo/peers/{hostile_id}.json")
     hostile.metadata = {"record": json.dumps({"peer_id": PEER_B, "maddrs": [f"/ip4/1.2.3.4/tcp/1/p2p/{PEER_B}"] * 40})}
     hostile.upload_from_string(b"")
     backend = GcsBackend("gs://test-bucket/hm")
@@ -95,7 +98,7 @@ def test_agent_ignores_garbage_objects_and_collects_the_long_dead(gcs: GcsEmulat
         run(agent.set_run("demo"))
         run(agent.heartbeat())
     assert [p["peer_id"] for p in agent.peers()] == [PEER_B]
-    assert len([e for e in logs if e["event"] == "discovery.bad_record"]) == 3
+    assert len([e for e in logs if e["event"] == "discovery.bad_record"]) == 4
     # Let everything age past 10 TTLs by the store's clock, then B alone refreshes before our next round.
     agent.ttl_s = 0.2
     deadline = time.monotonic() + 30
@@ -105,7 +108,8 @@ def test_agent_ignores_garbage_objects_and_collects_the_long_dead(gcs: GcsEmulat
     run(backend.put(f"runs/demo/peers/{PEER_B}.json", record(PEER_B).to_json()))
     run(agent.heartbeat())
     names = sorted(o.key.rsplit("/", 1)[1] for o in run(backend.list("runs/demo/peers/")))
-    assert names == sorted([f"{PEER_A}.json", f"{PEER_B}.json"])  # garbage collected, the refreshed B kept
+    # Garbage named like records collected, the refreshed B kept, a name no peer has left alone.
+    assert names == sorted([f"{PEER_A}.json", f"{PEER_B}.json", "notes.json"])
 
 
 def test_outage_degrades_and_recovery_is_automatic(gcs: GcsEmulator) -> None:
@@ -137,3 +141,32 @@ def test_bad_urls_are_refused() -> None:
 def test_record_too_big_for_metadata_is_refused(gcs: GcsEmulator, tmp_path: Path) -> None:
     with pytest.raises(DiscoveryError, match="metadata limit"):
         run(GcsBackend("gs://test-bucket/hm").put("hosts/x.json", b"x" * 8000))
+
+
+def test_an_oversized_object_is_refused_and_an_empty_one_read(gcs: GcsEmulator) -> None:
+    from google.cloud import storage
+
+    bucket = storage.Client().bucket("test-bucket")
+    bucket.blob("hm/runs/big/spec.json").upload_from_string(b"{" + b" " * 300_000 + b"}")
+    bucket.blob("hm/runs/empty/spec.json").upload_from_string(b"")
+    backend = GcsBackend("gs://test-bucket/hm")
+    with pytest.raises(DiscoveryError, match=r"runs/big/spec\.json is over the 262144-byte limit"):
+        run(backend.get("runs/big/spec.json"))
+    assert run(backend.get("runs/empty/spec.json")) == b""
+
+
+def test_a_listing_keeps_the_freshest_objects_and_says_once_it_was_cut(
+        gcs: GcsEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hivemindd.discovery import gcs as gcs_backend
+
+    monkeypatch.setattr(gcs_backend, "MAX_LISTED_OBJECTS", 3)
+    backend = GcsBackend("gs://test-bucket/hm")
+    names = [f"Qm{c}" + PEER_B[3:] for c in "abcde"]
+    for name in names:
+        run(backend.put(f"hosts/{name}.json", b"{}"))
+    run(backend.put(f"hosts/{names[0]}.json", b"{}"))  # the first, refreshed: among the freshest now
+    with structlog.testing.capture_logs() as logs:
+        listed = run(backend.list("hosts/"))
+        run(backend.list("hosts/"))
+    assert len(listed) == 3 and f"hosts/{names[0]}.json" in {o.key for o in listed}
+    assert [e["reason"] for e in logs if e["event"] == "discovery.listing_truncated"] == ["more than 3 objects"]

@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 
 from hivemindd.discovery.backend import DiscoveryBackend, DiscoveryError
-from hivemindd.discovery.records import PeerRecord, RecordError
+from hivemindd.discovery.records import PeerRecord, RecordError, is_record_name
 
 log = structlog.get_logger(__name__)
 
@@ -86,7 +86,7 @@ class DiscoveryAgent:
         self._clock = clock
         self._run_id: str | None = None
         self._peers: dict[str, KnownPeer] = {}
-        self._warned: set[tuple[str, str]] = set()
+        self._warned: set[str] = set()  # keys of bad records logged already; only keys still listed
         self._wake = asyncio.Event()  # heartbeat now
         self._replan = asyncio.Event()  # a dial failed: recompute when to wake
         self._error: str | None = None
@@ -273,21 +273,29 @@ class DiscoveryAgent:
         own_id = self._describe().peer_id
         listed_at = self._clock()
         peers: dict[str, KnownPeer] = {}
-        for obj in await self.backend.list(peers_prefix(self._run_id)):
-            if obj.age_s > GC_TTL_MULTIPLE * self.ttl_s:
-                if await self.backend.delete(obj.key, if_version=obj.version):
+        listed = await self.backend.list(peers_prefix(self._run_id))
+        for obj in listed:
+            if obj.problem is None and obj.age_s > GC_TTL_MULTIPLE * self.ttl_s:
+                # Only peer records are ever deleted, whatever else a writer of the store left there.
+                if is_record_name(obj.key.rsplit("/", 1)[-1]) and await self.backend.delete(
+                        obj.key, if_version=obj.version):
                     log.info("discovery.collected_stale", key=obj.key, age_s=round(obj.age_s))
                 continue
             try:
+                if obj.problem is not None:
+                    raise RecordError(obj.problem)
                 record = PeerRecord.from_json(obj.body)
             except RecordError as exc:
-                if (obj.key, obj.version) not in self._warned:
-                    self._warned.add((obj.key, obj.version))
+                # Once per key while it stays bad: rewriting a bad file does not log it again.
+                if obj.key not in self._warned:
+                    self._warned.add(obj.key)
                     log.warning("discovery.bad_record", key=obj.key, reason=str(exc))
                 continue
+            self._warned.discard(obj.key)
             if record.peer_id == own_id or obj.age_s > self.ttl_s:
                 continue
             peers[record.peer_id] = KnownPeer(record, obj.age_s, listed_at)
+        self._warned &= {obj.key for obj in listed}  # bounded by one listing
         self._peers = peers
 
     def _own_key(self, run_id: str | None) -> str:

@@ -6,19 +6,34 @@ store's own clock (estimated from our latest write), never the writer's clock:
 volunteer machines' clocks are wrong. Creates use ``if_generation_match=0`` and
 stale deletes the generation that was listed, so a peer that just refreshed is
 never deleted.
+
+A listing looks at most ``MAX_SCANNED_NAMES`` objects and keeps the freshest
+``MAX_LISTED_OBJECTS`` within ``MAX_LISTED_BYTES``; ``get`` downloads at most
+``MAX_OBJECT_BYTES`` (a ranged request), so whoever can write the bucket cannot
+make a host download without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import heapq
 import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from hivemindd.discovery.backend import DiscoveryError, StoredObject
+from hivemindd.discovery.backend import (
+    MAX_LISTED_BYTES,
+    MAX_LISTED_OBJECTS,
+    MAX_OBJECT_BYTES,
+    MAX_SCANNED_NAMES,
+    DiscoveryError,
+    StoredObject,
+    TruncationLog,
+)
+from hivemindd.discovery.records import MAX_RECORD_BYTES
 
 T = TypeVar("T")
 RECORD_KEY = "record"
@@ -40,6 +55,7 @@ class GcsBackend:
         self._bucket: Any = None
         # (store's `updated` of our latest write, our monotonic clock then): the store's "now".
         self._store_clock: tuple[float, float] | None = None
+        self._truncation = TruncationLog(url)
 
     def _name(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -99,16 +115,23 @@ class GcsBackend:
         return await self._call(f"create {key}", write)
 
     async def get(self, key: str) -> bytes | None:
-        from google.api_core.exceptions import NotFound
+        from google.api_core.exceptions import NotFound, RequestRangeNotSatisfiable
 
         def read() -> bytes | None:
             blob = self._get_bucket().blob(self._name(key))
             try:
-                data: bytes = blob.download_as_bytes(timeout=REQUEST_TIMEOUT_S, retry=_retry())
+                # A range (``end`` is inclusive): one byte over the limit tells us the object is too big.
+                data: bytes = blob.download_as_bytes(end=MAX_OBJECT_BYTES, timeout=REQUEST_TIMEOUT_S,
+                                                     retry=_retry())
+            except RequestRangeNotSatisfiable:
+                return b""  # an empty object has no byte 0
             except NotFound:
                 if not self._get_bucket().exists(timeout=REQUEST_TIMEOUT_S):
                     raise
                 return None
+            if len(data) > MAX_OBJECT_BYTES:
+                raise DiscoveryError(f"{self.url}: {key} is over the {MAX_OBJECT_BYTES}-byte limit; "
+                                     "refusing to read it")
             return data
 
         return await self._call(f"read {key}", read)
@@ -116,15 +139,34 @@ class GcsBackend:
     async def list(self, prefix: str) -> builtins.list[StoredObject]:
         def listing() -> builtins.list[StoredObject]:
             blobs = self._get_bucket().client.list_blobs(
-                self.bucket_name, prefix=self._name(prefix), delimiter="/", timeout=REQUEST_TIMEOUT_S,
-                retry=_retry())
+                self.bucket_name, prefix=self._name(prefix), delimiter="/", max_results=MAX_SCANNED_NAMES + 1,
+                timeout=REQUEST_TIMEOUT_S, retry=_retry())
             now = self._store_now()
+            scanned = 0
+
+            def entries() -> Any:
+                nonlocal scanned
+                for blob in blobs:
+                    scanned += 1
+                    if scanned > MAX_SCANNED_NAMES:
+                        return
+                    record = str((blob.metadata or {}).get(RECORD_KEY, ""))[:MAX_RECORD_BYTES + 1]
+                    updated = blob.updated.timestamp() if isinstance(blob.updated, datetime) else 0.0
+                    yield updated, blob.name, record.encode()[:MAX_RECORD_BYTES + 1], str(blob.generation)
+
+            # Freshest first, and only so many: a bucket full of junk cannot crowd out live peers.
+            chosen = heapq.nlargest(MAX_LISTED_OBJECTS, entries(), key=lambda e: e[0])
+            cut = (f"more than {MAX_SCANNED_NAMES} names" if scanned > MAX_SCANNED_NAMES
+                   else f"more than {MAX_LISTED_OBJECTS} objects" if scanned > MAX_LISTED_OBJECTS else None)
             out = []
-            for blob in blobs:
-                record = (blob.metadata or {}).get(RECORD_KEY, "")
-                updated = blob.updated.timestamp() if isinstance(blob.updated, datetime) else 0.0
-                out.append(StoredObject(self._key(blob.name), record.encode(), max(0.0, now - updated),
-                                        str(blob.generation)))
+            budget = MAX_LISTED_BYTES
+            for updated, name, body, generation in chosen:
+                if budget <= 0:
+                    cut = f"over {MAX_LISTED_BYTES} bytes"
+                    break
+                budget -= len(body)
+                out.append(StoredObject(self._key(name), body, max(0.0, now - updated), generation))
+            self._truncation.note(prefix, cut)
             return out
 
         return await self._call(f"list {prefix}", listing)
@@ -156,6 +198,8 @@ def _retry() -> Any:
 
 def _explain(backend: GcsBackend, what: str, exc: Exception) -> DiscoveryError:
     """Turn a client error into one line that says what is wrong and how to fix it."""
+    if isinstance(exc, DiscoveryError):
+        return exc
     from google.api_core import exceptions as gexc
     from google.auth.exceptions import DefaultCredentialsError
 

@@ -17,6 +17,12 @@ MAX_RECORD_BYTES = 16 * 1024
 MAX_MADDRS = 32
 _PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,128}")  # base58btc
 _MADDR = re.compile(r"(/[A-Za-z0-9_.:\[\]-]+)+")
+_RECORD_NAME = re.compile(rf"{_PEER_ID.pattern}\.json")
+
+
+def is_record_name(name: str) -> bool:
+    """Whether a file or object name is ``<peer id>.json``: the only names discovery ever deletes."""
+    return _RECORD_NAME.fullmatch(name) is not None
 
 
 class RecordError(ValueError):
