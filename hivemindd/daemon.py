@@ -7,6 +7,7 @@ the same path as any stop.
 from __future__ import annotations
 
 import asyncio
+import resource
 import signal
 import sys
 import warnings
@@ -33,6 +34,23 @@ def configure_logging(fmt: str) -> DaemonLogRing:
         logger_factory=structlog.PrintLoggerFactory(daemon_log),  # type: ignore[arg-type]
     )
     return daemon_log
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Lift the soft RLIMIT_NOFILE to the hard one (1024 is the usual soft default): the world-connectable
+    socket, the DHT and the trainer's pipes all take descriptors. Returns (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # macOS reports an unlimited hard limit but refuses more than OPEN_MAX (10240) per process.
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    for target in (wanted, 10240):
+        if target <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            break
+        except (ValueError, OSError):
+            continue
+    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 async def serve(cfg: DaemonConfig, daemon_log: DaemonLogRing | None = None) -> None:
@@ -97,6 +115,7 @@ def main(ctx: click.Context, **flags: Any) -> None:
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     daemon_log = configure_logging(cfg.log_format)
+    raise_open_file_limit()
     # hivemind imports torch, whose deprecation chatter is not the owner's concern.
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:

@@ -25,8 +25,16 @@ from aiohttp import web
 
 from hivemindd import __version__
 from hivemindd.api import build_app, peer_guard, token_guard
-from hivemindd.auth import Authorizer, identity_check_available
+from hivemindd.auth import Authorizer, LoopbackSecrets, identity_check_available
 from hivemindd.config import DaemonConfig
+from hivemindd.connections import (
+    IDLE_TIMEOUT_S,
+    MAX_CONNECTIONS_PER_UID,
+    MAX_TCP_CONNECTIONS,
+    ConnectionGate,
+    no_caller,
+    unix_caller,
+)
 from hivemindd.dht import HostDHT, end_stale_dht
 from hivemindd.discovery import DiscoveryError, PeerRecord, open_backend
 from hivemindd.discovery.agent import DiscoveryAgent
@@ -50,7 +58,9 @@ from hivemindd.swarm_view import TRAINING, SwarmView, activity
 
 log = structlog.get_logger(__name__)
 
-MAX_BOOTSTRAP_PEERS = 8
+MAX_BOOTSTRAP_PEERS = 4  # other hosts a starting trainer bootstraps from, besides its own host's node
+MAX_PEER_MADDRS = 4
+DHT_WATCH_S = 5.0
 
 
 class StartupError(RuntimeError):
@@ -111,11 +121,10 @@ class Daemon:
             heartbeat_s=self.cfg.heartbeat_s, ttl_s=self.cfg.ttl_s,
         )
         await self.agent.set_run(self.desired.run_id)
-        found = await self.agent.read_once()
-        random.shuffle(found)
-        bootstrap = list(self.cfg.initial_peers) + [m for r in found[:MAX_BOOTSTRAP_PEERS] for m in r.maddrs]
-        # The DHT forks: it must start before signal handlers and the API socket exist.
-        await asyncio.to_thread(self.dht.start, bootstrap)
+        # The DHT forks: it must start before signal handlers and the API socket exist. It bootstraps
+        # from the operator's --initial-peer alone: records in the store are dialled once it is up
+        # (the agent's first heartbeat), so a dead or hostile record can never keep it from starting.
+        await asyncio.to_thread(self.dht.start, list(self.cfg.initial_peers))
         self.trainer_log = TrainerLog(self.paths.trainer_log)
         self.supervisor = Supervisor(
             ProcessSpawner(PidFile(self.paths.pid_file)), self.trainer_log, stop_timeout_s=self.cfg.stop_timeout_s,
@@ -124,13 +133,15 @@ class Daemon:
             on_pause_change=self._pause_changed,
         )
         dht = self.dht
-        swarm = SwarmView(dht.store_record, dht.get_records, lambda: self._observer().own_record(),
-                          interval_s=max(1.0, min(5.0, self.cfg.heartbeat_s)))
+        agent = self.agent
+        swarm = SwarmView(dht.publish, dht.read_signed, lambda: self._observer().own_record(),
+                          interval_s=max(1.0, min(5.0, self.cfg.heartbeat_s)), vouched=agent.knows)
         self.observer = Observer(self.paths, self.hostname, lambda: dht.peer_id, self._trainer_view, swarm, self.daemon_log)
         self._tasks = [
             asyncio.create_task(self.agent.run(), name="discovery"),
             asyncio.create_task(self.supervisor.run(), name="supervisor"),
             asyncio.create_task(swarm.run(), name="swarm-view"),
+            asyncio.create_task(self._watch_dht(), name="dht-watch"),
         ]
         await self._serve_api()
         await self._serve_http()
@@ -172,6 +183,20 @@ class Daemon:
             log.info("daemon.stopped")
         self.started = False
 
+    async def _watch_dht(self) -> None:
+        """Restart the host DHT if its process dies (a crash must not leave the host unreachable for good)."""
+        assert self.dht is not None and self.agent is not None
+        while True:
+            await asyncio.sleep(DHT_WATCH_S)
+            try:
+                restarted = await asyncio.to_thread(self.dht.restart_if_dead)
+            except Exception as exc:  # tried again next round; status says the DHT is down meanwhile
+                log.error("dht.restart_failed", error=str(exc))
+                continue
+            if restarted:
+                log.warning("dht.restarted", restarts=self.dht.restarts, maddrs=self.dht.maddrs)
+                self.agent.forget_dials()  # the new node knows nobody: dial everyone again
+
     def _lock_state_dir(self) -> None:
         fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -207,8 +232,11 @@ class Daemon:
                 path.unlink(missing_ok=True)  # left by a daemon that died
             finally:
                 probe.close()
-        self._runner = web.AppRunner(build_app(self, peer_guard(Authorizer(self.cfg.operator_group))), access_log=None)
+        gate = ConnectionGate(unix_caller, MAX_CONNECTIONS_PER_UID)  # idle or surplus connections cannot starve others
+        self._runner = web.AppRunner(build_app(self, peer_guard(Authorizer(self.cfg.operator_group)), gate=gate),
+                                     access_log=None, keepalive_timeout=IDLE_TIMEOUT_S)
         await self._runner.setup()
+        gate.install(self._runner)
         # With the caller's identity checked per request, anyone may connect (and read status);
         # without it, file permissions are the only guard. Born with its mode: no window either way.
         old_umask = os.umask(0o111 if identity_check_available() else 0o117)
@@ -222,10 +250,12 @@ class Daemon:
         if self.cfg.http is None:
             return
         host, port = self.cfg.http
-        token = load_or_create_token(self.paths.http_token)
-        app = build_app(self, token_guard(token, str(self.paths.http_token)), token)
-        self._http_runner = web.AppRunner(app, access_log=None)
+        loopback = LoopbackSecrets(self.paths.http_token, load_or_create_token(self.paths.http_token))
+        gate = ConnectionGate(no_caller, MAX_TCP_CONNECTIONS)
+        app = build_app(self, token_guard(loopback), loopback, gate)
+        self._http_runner = web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_TIMEOUT_S)
         await self._http_runner.setup()
+        gate.install(self._http_runner)
         site = web.TCPSite(self._http_runner, host, port)
         try:
             await site.start()
@@ -254,9 +284,11 @@ class Daemon:
             spec = parse_json(self.paths.run_spec(run_id).read_bytes(), source=str(self.paths.run_spec(run_id)))
         except OSError as exc:
             raise SpecError(f"cannot read the run spec: {exc}; `hmctl leave` then join again") from None
-        peers = self.agent.peers()
+        # The host node first (always reachable); then a few peers this host has really reached,
+        # never addresses a record merely claims.
+        peers = self.agent.reachable_peers()
         random.shuffle(peers)
-        initial = self.dht.maddrs + [m for p in peers[:MAX_BOOTSTRAP_PEERS] for m in p["maddrs"]]
+        initial = self.dht.maddrs + [m for p in peers[:MAX_BOOTSTRAP_PEERS] for m in p["maddrs"][:MAX_PEER_MADDRS]]
         # The trainer runs its own p2pd: same interfaces as the host node, any free port.
         trainer_maddrs = tuple(re.sub(r"/(tcp|udp)/\d+", r"/\1/0", m) for m in self.cfg.host_maddrs)
         return TrainerLaunch(
@@ -284,7 +316,7 @@ class Daemon:
             "hostname": self.hostname,
             "peer_id": self.dht.peer_id,
             "maddrs": self.dht.maddrs,
-            "dht": {"alive": self.dht.alive},
+            "dht": {"alive": self.dht.alive, "restarts": self.dht.restarts, "last_death": self.dht.last_death},
             "run_id": self.desired.run_id,
             "paused": self.desired.paused,
             "pause": self.desired.pause_status(time.time()),
@@ -446,7 +478,8 @@ class Daemon:
     async def _connect_peers(self, records: list[PeerRecord]) -> list[str]:
         assert self.dht is not None
         answered = await self.dht.connect([(r.peer_id, r.maddrs) for r in records])
-        log.info("dht.connected_new_peers", asked=len(records), answered=len(answered))
+        if answered:  # failures are logged by the DHT, once per peer and reason
+            log.info("dht.connected_new_peers", asked=len(records), answered=len(answered))
         return answered
 
 

@@ -30,7 +30,7 @@ EXIT_CONFIG_ERROR = 2  # the trainer's "restarting will not fix this" exit code
 # A timed pause is checked at least this often: monotonic sleeps stop while a laptop is suspended, the wall clock not.
 PAUSE_RECHECK_S = 30.0
 # Progress fields the trainer reports that status shows as they are.
-_REPORTED = ("step", "epoch", "loss", "samples_per_s", "lr", "samples", "shards_failed")
+_REPORTED = ("step", "epoch", "loss", "samples_per_s", "lr", "samples", "shards_failed", "swarm_peers")
 # What status keeps about a run from one trainer attempt to the next: the checkpoint on disk outlives
 # the process. Everything else the trainer reported (progress, warnings, its peer id) belongs to one attempt.
 _RUN_FACTS = ("checkpoint_step",)
@@ -221,6 +221,7 @@ class Supervisor:
             "samples_per_s": self.info.get("samples_per_s"),
             "lr": self.info.get("lr"),
             "shards_failed": self.info.get("shards_failed"),
+            "swarm_peers": self.info.get("swarm_peers"),  # peers it accumulates with, itself included
             "resumed_from": self.info.get("resumed_from"),
             "trainer_peer_id": self.info.get("peer_id"),
             "last_warning": self.info.get("last_warning"),

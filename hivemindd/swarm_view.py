@@ -27,6 +27,12 @@ import structlog
 log = structlog.get_logger(__name__)
 
 RECORD_VERSION = 1
+MAX_RECORDS = 1000  # read per refresh: a run bigger than this shows its first thousand
+CLOCK_SKEW_S = 60.0  # how far another host's clock may run ahead and its records still count
+# Bounds of what a record may say; past them it is not a record (a forged or broken one).
+MAX_TEXT = {"peer_id": 128, "hostname": 253, "state": 32, "trainer_peer_id": 128, "device": 64, "version": 64}
+MAX_NUMBER = {"step": 1e15, "epoch": 1e12, "samples_per_s": 1e7, "loss": 1e9, "lr": 1e6, "val_top1": 1.0,
+              "val_top5": 1.0, "best_val_top1": 1.0, "restarts": 1e9}
 
 # What a peer is doing, as hmctl peers and the dashboard show it.
 TRAINING = "training"
@@ -110,6 +116,10 @@ class ProgressRecord:
                 return None
             if isinstance(value, float) and not math.isfinite(value):
                 return None
+            if isinstance(value, str) and (len(value) > MAX_TEXT.get(name, 256) or not value.isprintable()):
+                return None
+            if isinstance(value, int | float) and name in MAX_NUMBER and not 0 <= value <= MAX_NUMBER[name]:
+                return None
         return record
 
     def to_view(self, now: float) -> dict[str, Any]:
@@ -162,7 +172,8 @@ def totals(records: list[ProgressRecord], facts: RunFacts | None) -> dict[str, A
     return out
 
 
-Store = Callable[[str, str, dict[str, Any], float], Awaitable[bool]]
+# Publish this host's value under a key, signed as this host; read every signed value, by signer's peer id.
+Store = Callable[[str, dict[str, Any], float], Awaitable[bool]]
 Fetch = Callable[[str], Awaitable[dict[str, Any]]]
 
 
@@ -174,9 +185,11 @@ class SwarmView:
     """
 
     def __init__(self, store: Store, fetch: Fetch, describe: Callable[[], tuple[str | None, ProgressRecord]],
-                 interval_s: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+                 interval_s: float = 5.0, clock: Callable[[], float] = time.time,
+                 vouched: Callable[[str], bool] | None = None) -> None:
         self._store = store
-        self._fetch = fetch
+        self._fetch = fetch  # values the DHT checked the signature of, by the signer's peer id
+        self._vouched = vouched  # peers discovery knows; None: every signed record counts
         self._describe = describe
         self.interval_s = interval_s
         self._clock = clock
@@ -211,7 +224,7 @@ class SwarmView:
             return
         key = swarm_key(run_id)
         try:
-            await self._store(key, own.peer_id, own.to_wire(), own.updated + self.expiration_s)
+            await self._store(key, own.to_wire(), own.updated + self.expiration_s)
             found = await self._fetch(key)
         except Exception as exc:  # the DHT is down or slow: keep the last view, say so
             if self.error is None:
@@ -220,12 +233,21 @@ class SwarmView:
             return
         self.error = None
         records = {}
-        for subkey, raw in found.items():
+        now = self._clock()
+        for signer, raw in list(found.items())[:MAX_RECORDS]:
             record = ProgressRecord.from_wire(raw)
-            if record is not None and record.peer_id == subkey:
-                records[subkey] = record
+            # Signed by the peer it describes, recent, and a peer discovery vouches for: anyone can
+            # write to the DHT, but not in another peer's name, and not into the swarm's totals.
+            if (record is None or record.peer_id != signer or not self._fresh(record, now)
+                    or (self._vouched is not None and not self._vouched(signer))):
+                continue
+            records[signer] = record
         if self._run_id == run_id:
             self._records, self._read_at = records, self._clock()
+
+    def _fresh(self, record: ProgressRecord, now: float) -> bool:
+        """Published within a record's lifetime, and not from the future (beyond clock skew)."""
+        return now - self.expiration_s - CLOCK_SKEW_S <= record.updated <= now + CLOCK_SKEW_S
 
     def records(self, own: ProgressRecord | None = None) -> list[ProgressRecord]:
         """Everyone's last records, with this host's fresh ``own`` in place of its published one."""

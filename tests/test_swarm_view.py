@@ -68,7 +68,7 @@ def test_each_node_sees_both_records_through_the_dht(two_nodes: tuple[HostDHT, H
         views = []
         for node, state in ((a, "running"), (b, "paused")):
             own = record(node.peer_id, state=state)
-            view = SwarmView(node.store_record, node.get_records, lambda own=own: ("demo", own), interval_s=1.0)
+            view = SwarmView(node.publish, node.read_signed, lambda own=own: ("demo", own), interval_s=1.0)
             views.append(view)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -86,7 +86,7 @@ def test_each_node_sees_both_records_through_the_dht(two_nodes: tuple[HostDHT, H
     assert snapshot["totals"]["training"] == 1 and snapshot["totals"]["peers"] == 2
     shown = render_swarm(snapshot)
     assert "1 of 2 peer(s) training" in shown and "paused" in shown and "host-" in shown
-    records = asyncio.run(a.get_records(swarm_key("demo")))
+    records = asyncio.run(a.read_signed(swarm_key("demo")))
     assert set(records) == {a.peer_id, b.peer_id}
 
 

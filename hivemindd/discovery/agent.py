@@ -32,6 +32,7 @@ log = structlog.get_logger(__name__)
 
 GC_TTL_MULTIPLE = 10  # a record this many TTLs old belongs to a host that is gone for good
 DIAL_BATCH = 8  # peers dialed at once, as a bootstrap list
+MAX_BATCHES_IN_FLIGHT = 2
 MIN_WAKE_S = 1.0  # the earliest a failed dial is retried (and the store re-listed)
 MAX_REDIAL_HEARTBEATS = 4  # an unreachable peer is retried at least this often, in heartbeats
 
@@ -107,9 +108,24 @@ class DiscoveryAgent:
             age = known.age_s + (now - known.listed_at)
             if age <= self.ttl_s:
                 r = known.record
+                dial = self._dials.get(r.peer_id)
+                reachable = None if dial is None or not (dial.answered or dial.failures) else dial.answered
                 out.append({"peer_id": r.peer_id, "maddrs": list(r.maddrs), "age_s": round(age, 1),
-                            "hostname": r.hostname, "state": r.state, "version": r.version})
+                            "hostname": r.hostname, "state": r.state, "version": r.version, "reachable": reachable})
         return sorted(out, key=lambda p: p["age_s"])
+
+    def knows(self, peer_id: str) -> bool:
+        """True for this host and for peers with a fresh record: who may count in the swarm view."""
+        return peer_id == self._describe().peer_id or any(p["peer_id"] == peer_id for p in self.peers())
+
+    def reachable_peers(self) -> list[dict[str, Any]]:
+        """Fresh peers whose node answered this host's dial: safe bootstrap peers for a trainer."""
+        return [p for p in self.peers() if p["reachable"]]
+
+    def forget_dials(self) -> None:
+        """Dial every peer again (this host's DHT node was restarted and knows nobody)."""
+        self._dials = {}
+        self._wake.set()
 
     def status(self) -> dict[str, Any]:
         state = "starting" if self._last_ok is None and self._error is None else "degraded" if self._error else "ok"
@@ -138,15 +154,6 @@ class DiscoveryAgent:
                 await self.backend.delete(self._own_key(self._run_id))
         except (DiscoveryError, TimeoutError) as exc:
             log.warning("discovery.withdraw_failed", error=str(exc))
-
-    async def read_once(self) -> list[PeerRecord]:
-        """One listing before the DHT exists, to find bootstrap peers; errors only logged."""
-        try:
-            await self._list()
-        except DiscoveryError as exc:
-            self._error = str(exc)
-            log.warning("discovery.unreachable", error=str(exc))
-        return [k.record for k in self._peers.values()]
 
     async def publish_spec(self, run_id: str, body: bytes) -> tuple[bool, bytes]:
         """Create the run's spec unless it exists; returns (created, the spec now published)."""
@@ -229,7 +236,10 @@ class DiscoveryAgent:
                 self._dials[pid] = _Dial(record.maddrs)  # new, or restarted on other addresses
         due = [fresh[pid] for pid, d in self._dials.items() if not (d.answered or d.in_flight) and d.next_try <= now]
         random.shuffle(due)
-        for start in range(0, len(due), DIAL_BATCH):
+        # A bounded number of batches in flight: a store full of records must not become thousands
+        # of simultaneous connections (the rest are due next round, which a finished batch brings forward).
+        room = max(0, MAX_BATCHES_IN_FLIGHT - len(self._dialing))
+        for start in range(0, min(len(due), room * DIAL_BATCH), DIAL_BATCH):
             batch = due[start:start + DIAL_BATCH]
             for record in batch:
                 self._dials[record.peer_id].in_flight = True
@@ -258,13 +268,15 @@ class DiscoveryAgent:
             backoff = min(2.0 ** dial.failures, MAX_REDIAL_HEARTBEATS * self.heartbeat_s)
             dial.next_try = now + max(MIN_WAKE_S, backoff * random.uniform(0.8, 1.2))
         missed = [r.peer_id for r in records if r.peer_id not in ok]
-        if missed:
-            log.info("discovery.dial_retry_later", peers=missed, answered=len(records) - len(missed))
-            self._replan.set()  # the loop may have to wake before its next heartbeat
+        if missed:  # why each failed is the dialer's to say (once per peer and reason)
+            log.debug("discovery.dial_retry_later", peers=missed, answered=len(records) - len(missed))
+        self._replan.set()  # the loop may have to wake before its next heartbeat: a retry, or peers left undialled
 
     def _until_redial(self) -> float:
-        """Seconds until the next failed dial is due (never below MIN_WAKE_S); inf if none."""
-        pending = [d.next_try for d in self._dials.values() if not (d.answered or d.in_flight) and d.failures]
+        """Seconds until the next dial is due, a retry or one the in-flight cap held back (never below MIN_WAKE_S)."""
+        room = len(self._dialing) < MAX_BATCHES_IN_FLIGHT  # else a finishing batch wakes the loop
+        pending = [d.next_try for d in self._dials.values()
+                   if not (d.answered or d.in_flight) and (d.failures or room)]
         if not pending:
             return float("inf")
         return max(MIN_WAKE_S, min(pending) - self._clock())

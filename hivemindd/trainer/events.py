@@ -36,11 +36,13 @@ class EventWriter:
         self.emit("resumed", source=source, step=step, epoch=epoch)
 
     def progress(self, step: int, epoch: int, loss: float, samples_per_s: float, lr: float, samples: int,
-                 shards_failed: int = 0) -> None:
-        """``shards_failed``: data shards skipped as unreadable since this trainer process started."""
+                 shards_failed: int = 0, swarm_peers: int | None = None) -> None:
+        """``shards_failed``: data shards skipped as unreadable since this trainer process started;
+        ``swarm_peers``: the run's peers this trainer accumulates with, itself included."""
         # JSON has no NaN: a diverged loss is sent as null rather than breaking strict readers.
         self.emit("progress", step=step, epoch=epoch, loss=loss if math.isfinite(loss) else None,
-                  samples_per_s=samples_per_s, lr=lr, samples=samples, shards_failed=shards_failed)
+                  samples_per_s=samples_per_s, lr=lr, samples=samples, shards_failed=shards_failed,
+                  swarm_peers=swarm_peers)
 
     def checkpoint(self, step: int, epoch: int, path: str) -> None:
         self.emit("checkpoint", step=step, epoch=epoch, path=path)

@@ -406,10 +406,11 @@ def _report_progress(session: Session) -> None:
     counters, opt = session.counters, session.opt
     lr = swarm.current_lr(opt)
     failed = session.tally.failed
+    peers = swarm.live_peers(opt)
     session.events.progress(step=counters.step, epoch=opt.local_epoch, loss=loss, samples_per_s=rate, lr=lr,
-                            samples=counters.samples, shards_failed=failed)
-    log.info("step=%d epoch=%d loss=%.4f samples/s=%.1f lr=%.4g samples=%d shards_failed=%d", counters.step,
-             opt.local_epoch, loss, rate, lr, counters.samples, failed)
+                            samples=counters.samples, shards_failed=failed, swarm_peers=peers)
+    log.info("step=%d epoch=%d loss=%.4f samples/s=%.1f lr=%.4g samples=%d shards_failed=%d swarm_peers=%d",
+             counters.step, opt.local_epoch, loss, rate, lr, counters.samples, failed, peers)
 
 
 def _checkpoint(session: Session, best: bool = False, finished: bool = False) -> bool:

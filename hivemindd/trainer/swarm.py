@@ -181,6 +181,13 @@ def peers_with_progress(opt: hivemind.Optimizer) -> int:
     return int(opt.tracker.global_progress.num_peers)
 
 
+def live_peers(opt: hivemind.Optimizer) -> int:
+    """Peers of the run this trainer accumulates with now, itself included (from the DHT's progress records)."""
+    if isinstance(opt, gossip.GossipOptimizer):
+        return opt.peers_with_progress() + 1
+    return max(1, int(opt.tracker.global_progress.num_peers))
+
+
 def load_state_from_peers(opt: hivemind.Optimizer) -> bool:
     """Download parameters, optimizer state and epoch from the most advanced peer; True if anything arrived.
 
