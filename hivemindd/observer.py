@@ -29,6 +29,9 @@ from hivemindd.swarm_view import ProgressRecord, RunFacts, SwarmView
 log = structlog.get_logger(__name__)
 
 PREDICT_TIMEOUT_S = 300.0
+# Uploads waiting for the one predict subprocess are held in memory (up to MAX_IMAGE_BYTES each): past
+# this many, a request is answered 503 at once instead of queueing without bound.
+MAX_PREDICT_WAITING = 4
 
 
 class Observer:
@@ -46,6 +49,7 @@ class Observer:
         self._history = HistoryCache()
         self._facts: tuple[str, float, RunFacts | None] | None = None
         self._predicting = asyncio.Semaphore(1)  # one model in memory at a time is plenty for a daemon
+        self._predict_waiting = 0  # requests holding an upload until the semaphore is theirs (or running)
 
     # --- this host's numbers --------------------------------------------------------------
 
@@ -161,16 +165,23 @@ class Observer:
                                code="conflict")
         if not image:
             raise RequestError("the request body must be the image file (JPEG, PNG …)", field="body")
+        if self._predict_waiting >= MAX_PREDICT_WAITING:
+            raise RequestError(f"busy: {self._predict_waiting} predictions are already queued; try again shortly",
+                               status=503, code="unavailable")
         tmp_dir = self.paths.root / "tmp"
         tmp_dir.mkdir(mode=0o700, exist_ok=True)
-        async with self._predicting:
-            fd, name = tempfile.mkstemp(prefix="predict-", dir=tmp_dir)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(image)
-                return await self._run_predict(run_id, Path(name), checkpoint, top)
-            finally:
-                Path(name).unlink(missing_ok=True)
+        self._predict_waiting += 1
+        try:
+            async with self._predicting:
+                fd, name = tempfile.mkstemp(prefix="predict-", dir=tmp_dir)
+                try:
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(image)
+                    return await self._run_predict(run_id, Path(name), checkpoint, top)
+                finally:
+                    Path(name).unlink(missing_ok=True)
+        finally:
+            self._predict_waiting -= 1
 
     async def _run_predict(self, run_id: str, image: Path, checkpoint: str, top: int) -> dict[str, Any]:
         proc = await asyncio.create_subprocess_exec(

@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 _SYNSET = re.compile(r"^(n\d{8})(?:\s*[:\t ]\s*(.+))?$")
 CHECKPOINT_FILES = {"best": "best.pt", "latest": "latest.pt", "final": "final.pt"}
+# PIL's default (89 MP, and only a warning below 179 MP) let a 13,000² PNG (169 MP) take the predict
+# process to 1.65 GB peak RSS; a 40 MP JPEG (a large camera photo) leaves it at its ~1.2 GB baseline (torch).
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 class PredictError(Exception):
@@ -66,6 +71,20 @@ def load_spec(run_dir: Path) -> Any:
         raise PredictError(str(exc)) from None
 
 
+def read_policy_for(run_dir: Path) -> Any:
+    """What the run's spec may make this process read: the policy the daemon gave the run's trainer (its
+    launch.json), else the default one with the state directory above ``run_dir`` refused."""
+    from hivemindd.launch import TrainerLaunch
+    from hivemindd.spec import SpecError
+    from hivemindd.trainer.read_policy import ReadPolicy, for_launch
+
+    try:
+        return for_launch(TrainerLaunch.from_json((run_dir / "launch.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError, SpecError):  # no trainer yet, or not ours to read
+        state = run_dir.parent.parent if run_dir.parent.name == "runs" else None
+        return ReadPolicy(state_dir=str(state) if state else "", cache_dir=str(state / "cache") if state else "")
+
+
 def predict(images: list[Path], checkpoint: Path, spec: Any, top: int) -> dict[str, Any]:
     import torch
     from PIL import Image, UnidentifiedImageError
@@ -82,8 +101,13 @@ def predict(images: list[Path], checkpoint: Path, spec: Any, top: int) -> dict[s
     except ConfigError as exc:
         raise PredictError(str(exc)) from None
     try:
-        payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint holds tensors, numbers and strings; a pickled object in a planted or
+        # downloaded file must not run code in this process.
+        payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(payload["model"])
+    except pickle.UnpicklingError as exc:
+        raise PredictError(f"checkpoint {checkpoint} holds more than weights (refused: {_first_line(exc)[:200]}); "
+                           "only checkpoints of tensors, numbers and strings are loaded") from None
     except (OSError, RuntimeError, KeyError, TypeError, EOFError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise PredictError(f"checkpoint {checkpoint} does not fit {spec.model.arch} with {spec.model.num_classes} "
@@ -93,11 +117,18 @@ def predict(images: list[Path], checkpoint: Path, spec: Any, top: int) -> dict[s
     normalize = DeviceNormalizer(torch.device("cpu"))
     k = min(top, spec.model.num_classes)
     results: list[dict[str, Any]] = []
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL refuses twice this in open() (DecompressionBombError)
     for image_path in images:
         try:
-            with Image.open(image_path) as image:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked just below
+                opened = Image.open(image_path)
+            with opened as image:
+                width, height = image.size  # from the header: nothing is decoded yet
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"{width}x{height} pixels is too large (at most {MAX_IMAGE_PIXELS:,} pixels)")
                 tensor = transform(image).unsqueeze(0)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
             results.append({"image": str(image_path), "error": f"not a readable image: {exc}"})
             continue
         with torch.no_grad():
@@ -114,6 +145,11 @@ def predict(images: list[Path], checkpoint: Path, spec: Any, top: int) -> dict[s
             "best_top1": payload.get("best_top1"), "arch": spec.model.arch, "results": results}
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hivemindd.predict", description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", type=Path)
@@ -126,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             raise PredictError(f"--top must be at least 1, got {args.top}")
         spec = load_spec(args.run_dir)
         checkpoint = resolve_checkpoint(args.checkpoint, args.run_dir)
+        from hivemindd.trainer import read_policy
+
+        read_policy.install(read_policy_for(args.run_dir))  # before the spec's class list is opened
         result = predict(args.images, checkpoint, spec, args.top)
     except PredictError as exc:
         print(f"predict: {exc}", file=sys.stderr)
@@ -136,7 +175,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import warnings
-
     warnings.filterwarnings("ignore", category=FutureWarning)
     sys.exit(main())

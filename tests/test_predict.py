@@ -7,20 +7,27 @@ two cores), with a real resnet18 checkpoint written by the trainer's own
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import shutil
+import struct
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from PIL import Image
 
 from hivemindd.launch import HostSettings
-from hivemindd.predict import describe_class
+from hivemindd.observer import MAX_PREDICT_WAITING, Observer
+from hivemindd.predict import MAX_IMAGE_PIXELS, describe_class
+from hivemindd.predict import main as predict_main
+from hivemindd.protocol import RequestError
 from hivemindd.spec import parse_toml
 from hivemindd.state import DesiredState, StatePaths, save_state, write_atomic
 from hivemindd.trainer.checkpoint import BEST, keep_as, save_checkpoint
@@ -131,3 +138,113 @@ def test_a_checkpoint_of_another_model_is_refused_and_kept(daemon: DaemonProcess
     assert (other / "latest.pt").read_bytes() == before
     missing = daemon.hmctl("predict", str(tmp_path / "x.png"), "--checkpoint", str(tmp_path / "nope.pt"))
     assert missing.returncode == 1 and "nope.pt: no such file" in missing.stderr
+
+
+# --- issue 11 items 11 and 12: no code from checkpoints, bounded images and queue -------------------
+
+class _Planted:
+    """Unpickling this runs code: it touches ``marker`` (a stand-in for any command)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[Path]]:
+        return (Path.touch, (self.marker,))
+
+
+def run_dir_with_spec(tmp_path: Path) -> Path:
+    run_dir = tmp_path / "state" / "runs" / "r"
+    write_atomic(run_dir / "spec.json", parse_toml(TEST_SPEC).to_json().encode())
+    return run_dir
+
+
+def test_a_checkpoint_carrying_a_pickled_payload_runs_nothing(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = run_dir_with_spec(tmp_path)
+    marker = tmp_path / "payload-ran"
+    model = build_model("resnet18", 10, 32)
+    torch.save({"model": model.state_dict(), "step": 1, "note": _Planted(marker)}, tmp_path / "planted.pt")
+    code = predict_main([str(png(tmp_path / "x.png") and tmp_path / "x.png"), "--run-dir", str(run_dir),
+                         "--checkpoint", str(tmp_path / "planted.pt")])
+    assert code == 2
+    assert not marker.exists(), "unpickling the checkpoint ran its payload"
+    assert "holds more than weights" in capsys.readouterr().err
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A small PNG whose header declares ``width`` x ``height`` (PIL refuses or accepts it by the header)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096))
+            + chunk(b"IEND", b""))
+
+
+def test_oversized_images_are_unreadable_not_a_crash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = run_dir_with_spec(tmp_path)
+    write_checkpoint(run_dir / "checkpoints")
+    (tmp_path / "bomb.png").write_bytes(png_header(50_000, 50_000))  # 300 KB once compressed in the report
+    # 49 MP: decodable (PIL's own limit is 89 MP), but ~0.15 GB a copy; refused from its header.
+    Image.new("L", (7000, 7000)).save(tmp_path / "large.png")
+    png(tmp_path / "small.png")
+    code = predict_main([str(tmp_path / "bomb.png"), str(tmp_path / "large.png"), str(tmp_path / "small.png"),
+                         "--run-dir", str(run_dir), "--checkpoint", "latest"])
+    assert code == 0
+    bomb, large, small = json.loads(capsys.readouterr().out)["results"]
+    assert "not a readable image" in bomb["error"] and "exceeds limit" in bomb["error"]
+    assert large["error"] == f"not a readable image: 7000x7000 pixels is too large (at most {MAX_IMAGE_PIXELS:,} pixels)"
+    assert "top" in small
+
+
+def test_post_predict_of_a_decompression_bomb_is_a_400(daemon: DaemonProcess) -> None:
+    got, body = daemon.client.exchange("POST", "/v1/predict", png_header(50_000, 50_000))
+    assert got == 400, body
+    assert "exceeds limit" in json.loads(body)["error"]["message"]
+
+
+def test_queued_uploads_are_bounded(tmp_path: Path) -> None:
+    paths = StatePaths(tmp_path)
+    observer = Observer(paths, "h", lambda: "QmA", lambda: ("r", {}), None, None)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+        started: list[bytes] = []
+
+        async def slow_predict(run_id: str, image: Path, checkpoint: str, top: int) -> dict[str, Any]:
+            started.append(image.read_bytes())
+            await release.wait()
+            return {"results": [{"image": "upload"}]}
+
+        observer._run_predict = slow_predict  # type: ignore[method-assign]
+        queued = [asyncio.create_task(observer.predict(b"image %d" % i, "best", 1))
+                  for i in range(MAX_PREDICT_WAITING)]
+        async with asyncio.timeout(30):
+            while observer._predict_waiting < MAX_PREDICT_WAITING or not started:
+                await asyncio.sleep(0.01)
+        with pytest.raises(RequestError) as refused:
+            async with asyncio.timeout(30):  # before the fix it queued: waiting on a release that never comes
+                await observer.predict(b"one too many", "best", 1)
+        assert refused.value.status == 503 and "busy" in refused.value.message
+        release.set()
+        await asyncio.gather(*queued)
+        assert observer._predict_waiting == 0
+        assert (await observer.predict(b"later", "best", 1))["results"][0]["image"] == "upload"
+
+    asyncio.run(scenario())
+
+
+def test_predict_does_not_read_the_state_dir_for_a_spec(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 11 item 6: the class list a spec names is read under the run's read policy, in predict too."""
+    state = tmp_path / "state"
+    run_dir = state / "runs" / "r"
+    (state / "identity.key").parent.mkdir(parents=True, exist_ok=True)
+    (state / "identity.key").write_text('["a secret"]')
+    (tmp_path / "classes.json").symlink_to(state / "identity.key")
+    spec = TEST_SPEC.replace("image_size = 32", f'image_size = 32\nclasses = "{tmp_path / "classes.json"}"')
+    write_atomic(run_dir / "spec.json", parse_toml(spec).to_json().encode())
+    write_checkpoint(run_dir / "checkpoints")
+    code = predict_main([str(png(tmp_path / "x.png") and tmp_path / "x.png"), "--run-dir", str(run_dir),
+                         "--checkpoint", "latest"])
+    err = capsys.readouterr().err
+    assert code == 2 and "state directory" in err and "a secret" not in err
