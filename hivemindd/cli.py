@@ -122,8 +122,30 @@ class Client:
         click.echo(json.dumps(value, indent=2) if self.json_output else human)
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(value: Any) -> Any:
+    """``value`` (a string, or one inside dicts and lists) with control, bidi and other unprintable characters
+    shown as escapes (``\\x1b``, ``\\n``), so that hostnames, states and log lines from peers, records and specs
+    cannot move the cursor, recolour the terminal or forge a line of their own."""
+    if isinstance(value, str):
+        return value if value.isprintable() else "".join(ch if ch.isprintable() else _escape(ch) for ch in value)
+    if isinstance(value, dict):
+        return {printable(k): printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [printable(v) for v in value]
+    return value
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return _ESCAPES.get(ch) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+                                else f"\\U{code:08x}")
+
+
 def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"hmctl: {message}", err=True)
+    click.echo(f"hmctl: {printable(message)}", err=True)
     sys.exit(code)
 
 
@@ -178,6 +200,7 @@ def _fmt(value: Any, spec: str, none: str = "-") -> str:
 
 def render_swarm(view: dict[str, Any]) -> str:
     """The swarm table and its totals, for ``hmctl status --swarm``."""
+    view = printable(view)
     if view.get("run_id") is None:
         return "not in a run (hmctl join --run-id ID): no swarm to show"
     rows = [f"{'HOST':<18} {'PEER':<14} {'DOING':<14} {'STEP':>7} {'GLOBAL STEP':>11} {'SAMPLES/S':>9} {'LOSS':>7} "
@@ -205,6 +228,7 @@ def render_swarm(view: dict[str, Any]) -> str:
 
 
 def render_status(st: dict[str, Any]) -> str:
+    st = printable(st)
     t = st["trainer"]
     d = st["discovery"]
     lines = [f"peer      {st['peer_id']}  ({st['hostname']}, hivemindd {st['version']})"]
@@ -276,7 +300,7 @@ def peers(ctx: click.Context, json_output: bool) -> None:
     client: Client = ctx.obj
     found = client.act("peers")
     rows = [f"{'PEER ID':<54} {'AGE':>6}  {'DOING':<14} {'STATE':<10} {'HOST':<20} ADDRESS"]
-    for p in found:
+    for p in printable(found):
         rows.append(f"{p['peer_id']:<54} {p['age_s']:>5.0f}s  {p.get('activity') or '-':<14} {p.get('state') or '-':<10} "
                     f"{p.get('hostname') or '-':<20} {p['maddrs'][0] if p['maddrs'] else '-'}")
     client.show(found, "\n".join(rows) if found else "no fresh peers yet (they appear within one heartbeat)")
@@ -370,7 +394,7 @@ def logs(client: Client, lines: int, follow: bool, since: str | None, only_train
             return
         for entry in result.get("entries") or [{"source": "trainer", "line": line} for line in result["lines"]]:
             prefix = "[daemon] " if source == "all" and entry["source"] == "daemon" else ""
-            click.echo(prefix + entry["line"])
+            click.echo(prefix + printable(entry["line"]))
 
     result = _logs(client, f"{base}&n={lines}")
     emit(result)
@@ -432,6 +456,7 @@ def predict(ctx: click.Context, images: tuple[Path, ...], checkpoint: str, top: 
 
 
 def render_prediction(result: dict[str, Any]) -> str:
+    result = printable(result)
     lines = [f"checkpoint {result['checkpoint']} (step {result.get('step')}, {result.get('arch')})"]
     for item in result["results"]:
         lines.append(f"{item['image']}:")
@@ -455,7 +480,7 @@ def dashboard(client: Client) -> None:
              "config), then open the address this prints", EX_FAILURE)
     url, token_file = st["http"]["url"], Path(st["http"]["token_file"])
     try:
-        click.echo(f"{url}/?token={token_file.read_text().strip()}")
+        click.echo(printable(f"{url}/?token={token_file.read_text().strip()}"))
     except OSError:
         click.echo(f"{url}/?token=<the token in {token_file}, readable by the daemon's user>")
 

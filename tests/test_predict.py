@@ -248,3 +248,17 @@ def test_predict_does_not_read_the_state_dir_for_a_spec(tmp_path: Path, capsys: 
                          "--checkpoint", "latest"])
     err = capsys.readouterr().err
     assert code == 2 and "state directory" in err and "a secret" not in err
+
+
+def test_every_torch_load_in_the_package_is_weights_only() -> None:
+    """Issue 11 item 11: no checkpoint, pretrained file or upload is ever unpickled with code allowed."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "hivemindd"
+    calls = []
+    for source in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                calls.append((f"{source.relative_to(package)}:{node.lineno}", keywords.get("weights_only")))
+    assert calls and all(value == "True" for _, value in calls), calls
