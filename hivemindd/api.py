@@ -6,11 +6,15 @@ a 5xx except a bug, and even then the daemon stays up.
 
 Every request passes a guard first: on the unix socket it asks the kernel who
 the caller is (auth.py), on the optional loopback TCP listener it checks the
-bearer token. Read-only callers may use the routes marked ``read_only``.
+bearer token or a dashboard session. Read-only callers may use the routes marked
+``read_only``, and see nothing of the logs there (``/v1/status`` leaves out the
+trainer's error lines for them). Bodies are read whole, within a size limit and a
+time limit; connections are capped and timed by connections.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable
@@ -19,11 +23,20 @@ from typing import Any, Protocol
 import structlog
 from aiohttp import web
 
-from hivemindd.auth import Access, Authorizer, PeerCredentials, identity_check_available, peer_credentials
+from hivemindd.auth import (
+    Access,
+    Authorizer,
+    LoopbackSecrets,
+    PeerCredentials,
+    identity_check_available,
+    peer_credentials,
+)
+from hivemindd.connections import ConnectionGate
 from hivemindd.dashboard import pages
 from hivemindd.protocol import (
     MAX_BODY_BYTES,
     MAX_IMAGE_BYTES,
+    MAX_NESTING,
     ROUTES,
     HistoryQuery,
     JoinRequest,
@@ -33,9 +46,14 @@ from hivemindd.protocol import (
     parse_empty,
     parse_no_query,
     parse_predict_query,
+    too_deep,
 )
 
 log = structlog.get_logger(__name__)
+
+BODY_TIMEOUT_S = 60.0  # 8 MiB over a local socket takes milliseconds; a trickle must not hold a handler for ever
+# Where the middleware leaves the guard's decision for the handlers (typed keys since aiohttp 3.13).
+ACCESS: Any = web.RequestKey("hivemindd_access", Access) if hasattr(web, "RequestKey") else "hivemindd_access"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Decides what a request may do, or raises RequestError (401) when it is not even authenticated.
@@ -88,33 +106,42 @@ def peer_guard(authorizer: Authorizer) -> Guard:
     return guard
 
 
-def token_guard(token: str, token_file: str) -> Guard:
-    """Loopback TCP: a bearer token (compared in constant time) gives full control; nothing else gets in.
+def token_guard(loopback: LoopbackSecrets) -> Guard:
+    """Loopback TCP: the bearer token (compared in constant time) gives full control; so does a dashboard session
+    whose control key comes with it.
 
-    The dashboard's browser carries the token in a cookie instead (set by ``GET /?token=…``).
-    A browser attaches that cookie to requests other pages on this machine make too
-    (another port on 127.0.0.1 is the same site), so on its own the cookie only reads;
-    control also needs the ``X-Hivemindd-Dashboard`` header, which a cross-origin page
-    cannot send without a CORS preflight that this server never grants.
+    The dashboard's browser holds a session (made by ``GET /?token=…``, see pages.py), never the
+    token: its id in a cookie, its control key in the ``X-Hivemindd-Dashboard`` header. A browser
+    sends the cookie to every port of this host, so another local web server may learn the id;
+    the key it cannot learn (the tab's sessionStorage is this origin's alone). So the cookie alone
+    only reads, which any local user may do on the unix socket anyway. A session id is never a
+    bearer token, and a session ends when it expires, when the daemon restarts or when the token
+    file gets a new token.
     """
-    expected = f"Bearer {token}".encode()
-    secret = token.encode()
 
     def guard(request: web.Request) -> Grant:
-        given = request.headers.get("Authorization", "").encode(errors="replace")
-        if given and hmac.compare_digest(given, expected):
-            return Grant(Access.FULL)
-        cookie = request.cookies.get(pages.COOKIE, "").encode(errors="replace")
-        if not given and cookie and hmac.compare_digest(cookie, secret):
-            same_origin = request.headers.get(pages.CONTROL_HEADER) == "1"
-            return Grant(Access.FULL if same_origin else Access.READ,
-                         f"the dashboard cookie alone only reads; send the {pages.CONTROL_HEADER}: 1 header "
-                         "or the bearer token")
-        if not given and request.path == "/" and "token" in request.query:
-            return Grant(Access.READ)  # the index handler checks it and trades it for the cookie
+        given = request.headers.get("Authorization", "")
+        if given:
+            scheme, _, value = given.partition(" ")
+            if scheme == "Bearer" and loopback.is_token(value):
+                return Grant(Access.FULL)
+        elif request.path == "/" and "token" in request.query:
+            return Grant(Access.READ)  # the index handler checks it and trades it for a session (stale cookie or not)
+        elif session_id := request.cookies.get(pages.COOKIE, ""):
+            session = loopback.session(session_id)
+            if session is None:
+                raise RequestError("the dashboard session has expired or ended (the daemon restarted, or its token "
+                                   f"changed): open /?token=<the token in {loopback.token_file}> again",
+                                   status=401, code="unauthorized")
+            key = request.headers.get(pages.CONTROL_HEADER, "")
+            if hmac.compare_digest(key.encode(errors="replace"), session.control_key.encode()):
+                return Grant(Access.FULL)
+            return Grant(Access.READ, "a dashboard session cookie alone only reads; control needs the page opened "
+                                      f"through /?token=… in this tab (its {pages.CONTROL_HEADER} key) or the bearer token")
         what = "a wrong" if given else "no"
         raise RequestError(f"{what} bearer token: send `Authorization: Bearer <token>` with the token in "
-                           f"{token_file} (in a browser: open /?token=<token> once)", status=401, code="unauthorized")
+                           f"{loopback.token_file} (in a browser: open /?token=<token> once)", status=401,
+                           code="unauthorized")
 
     return guard
 
@@ -123,27 +150,57 @@ def _json(body: Any, status: int = 200) -> web.Response:
     return web.json_response(body, status=status, dumps=lambda o: json.dumps(o, indent=None))
 
 
-async def _read_body(request: web.Request) -> Any:
+async def _read_whole(request: web.Request, limit: int, what: str) -> bytes:
+    """The whole body, or RequestError: 413 past ``limit`` bytes, 408 when it does not arrive in time.
+
+    ``request.content.read(n)`` would return only what has arrived so far.
+    """
+    too_large = RequestError(f"{what} over {_size(limit)}", status=413, code="too_large")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
     if not request.can_read_body:
-        return None
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise RequestError(f"request body over {MAX_BODY_BYTES} bytes", status=413, code="too_large")
-    raw = await request.content.read(MAX_BODY_BYTES + 1)
-    if len(raw) > MAX_BODY_BYTES:
-        raise RequestError(f"request body over {MAX_BODY_BYTES} bytes", status=413, code="too_large")
+        return b""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            while chunk := await request.content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(f"{what} not complete after {BODY_TIMEOUT_S:.0f} s ({size} bytes came)", status=408,
+                           code="request_timeout") from None
+    return b"".join(chunks)
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n % (1 << 20) == 0 else f"{n} bytes"
+
+
+async def _read_body(request: web.Request) -> Any:
+    raw = await _read_whole(request, MAX_BODY_BYTES, "request body")
     if not raw.strip():
         return None
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise RequestError(f"request body is not valid JSON: {str(exc)[:200]}") from None
+        message = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise RequestError(f"request body is not valid JSON: {message}") from None
+    if too_deep(body):
+        raise RequestError(f"request body nests lists and objects more than {MAX_NESTING} levels deep")
+    return body
 
 
-def _error_middleware(guard: Guard) -> Any:
+def _error_middleware(guard: Guard, gate: ConnectionGate | None) -> Any:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if gate is not None:
+            gate.request_started(request)
         try:
             grant = guard(request)
+            request[ACCESS] = grant.access
             route = request.match_info.route.name
             if route in ROUTES and not ROUTES[route].read_only and grant.access is not Access.FULL:
                 raise RequestError(grant.refusal, status=403, code="forbidden")
@@ -160,6 +217,10 @@ def _error_middleware(guard: Guard) -> Any:
             routes = ", ".join(f"{r.method} {r.path}" for r in ROUTES.values())
             return _json({"error": {"code": "http_" + str(exc.status), "message": f"{reason} (routes: {routes})"}},
                          status=exc.status)
+        except RecursionError:  # nesting a parser let through (a spec's TOML, a published spec.json): the input's fault
+            log.warning("api.nested_too_deeply", method=request.method, path=request.path)
+            return _json({"error": {"code": "too_deep", "message": "the request, or the run spec it names, nests "
+                                    f"lists or tables too deeply (at most {MAX_NESTING} levels)"}}, status=400)
         except Exception:  # a bug: say so as JSON and keep serving
             log.exception("api.handler_failed", method=request.method, path=request.path)
             return _json({"error": {"code": "internal", "message": "internal error; see the daemon's log"}},
@@ -169,20 +230,28 @@ def _error_middleware(guard: Guard) -> Any:
 
 async def _read_image(request: web.Request) -> bytes:
     """The raw request body, at most MAX_IMAGE_BYTES."""
-    limit = MAX_IMAGE_BYTES
-    if request.content_length is not None and request.content_length > limit:
-        raise RequestError(f"image over {limit >> 20} MiB", status=413, code="too_large")
-    raw = await request.content.read(limit + 1) if request.can_read_body else b""
-    if len(raw) > limit:
-        raise RequestError(f"image over {limit >> 20} MiB", status=413, code="too_large")
-    return raw
+    return await _read_whole(request, MAX_IMAGE_BYTES, "image")
 
 
-def build_app(daemon: Controller, guard: Guard, token: str | None = None) -> web.Application:
-    """The API, the dashboard page and /metrics; ``token`` (TCP only) lets ``GET /?token=`` set the cookie."""
+def for_reader(status: dict[str, Any]) -> dict[str, Any]:
+    """``status`` as a caller without operator rights sees it: no log lines (``/v1/logs`` is closed to them too)."""
+    trainer = status.get("trainer")
+    if isinstance(trainer, dict) and trainer.get("error_lines"):
+        status = {**status, "trainer": {**trainer, "error_lines": [], "error_lines_withheld": True}}
+    return status
+
+
+def build_app(daemon: Controller, guard: Guard, loopback: LoopbackSecrets | None = None,
+              gate: ConnectionGate | None = None) -> web.Application:
+    """The API, the dashboard page and /metrics.
+
+    ``loopback`` (TCP only) lets ``GET /?token=`` open dashboard sessions; ``gate``, when the
+    listener has one, learns here that a connection has delivered a request.
+    """
     async def status(request: web.Request) -> web.Response:
         parse_no_query(dict(request.query))
-        return _json(daemon.status())
+        body = daemon.status()
+        return _json(body if request.get(ACCESS) is Access.FULL else for_reader(body))
 
     async def peers(request: web.Request) -> web.Response:
         parse_no_query(dict(request.query))
@@ -225,7 +294,7 @@ def build_app(daemon: Controller, guard: Guard, token: str | None = None) -> web
         checkpoint, top = parse_predict_query(dict(request.query))
         return _json(await daemon.predict(await _read_image(request), checkpoint, top))
 
-    app = web.Application(middlewares=[_error_middleware(guard)], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[_error_middleware(guard, gate)], client_max_size=MAX_IMAGE_BYTES)
     handlers: dict[str, Handler] = {
         "status": status, "peers": peers, "join": join, "logs": logs, "pause": pause,
         "leave": simple(daemon.leave), "resume": simple(daemon.resume),
@@ -233,5 +302,5 @@ def build_app(daemon: Controller, guard: Guard, token: str | None = None) -> web
     }
     for name, route in ROUTES.items():
         app.router.add_route(route.method, route.path, handlers[name], name=name)
-    pages.add_routes(app, token)
+    pages.add_routes(app, loopback)
     return app

@@ -16,6 +16,7 @@ from typing import Any
 PREFIX = "/v1"
 MAX_BODY_BYTES = 1 << 20
 MAX_LOG_LINES = 10_000
+MAX_NESTING = 32  # lists and objects inside each other: a request or a run spec needs three or four
 
 # Named exit codes (sysexits.h), used by hmctl.
 EX_OK = 0
@@ -44,6 +45,27 @@ def check_run_id(run_id: object) -> str | None:
     if not RUN_ID_PATTERN.fullmatch(run_id):
         return f"{shown(run_id)} is not a run id: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
     return None
+
+
+def too_deep(value: Any, limit: int = MAX_NESTING) -> bool:
+    """Whether parsed JSON or TOML nests lists and objects more than ``limit`` levels deep.
+
+    Iterative, so it answers for any depth; code that walks such a value recursively
+    (``repr``, ``json.dumps``, a dataclass builder) would raise RecursionError instead.
+    """
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Requests are raw HTTP/1.0 over the unix socket (the way hmctl talks), so
 methods, paths, query strings, headers and bodies can be anything a local
 program might send. Framing headers are left to the test, so a request never
-leaves the server waiting for bytes that will not come.
+leaves the server waiting for bytes that will not come. Bodies include ones at and
+around the size limits (JSON and images) and JSON nested to any depth.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import shutil
 import socket
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from hivemindd.protocol import MAX_BODY_BYTES, ROUTES
+from hivemindd.protocol import MAX_BODY_BYTES, MAX_IMAGE_BYTES, MAX_NESTING, ROUTES
 from tests.e2e.conftest import DaemonProcess, check_schema
 
 pytestmark = pytest.mark.timeout(240)
@@ -52,6 +54,29 @@ durations = st.sampled_from(["90s", "30m", "1h30m", "0s", "-1m", "1h1h", "366d",
 run_ids = st.sampled_from(["", "..", "../etc", "a/b", "a\x00b", "x" * 65, ".hidden", "ok-run", "ü"]) | st.text(max_size=70)
 field_values = st.one_of(json_values, durations, run_ids)
 objects = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=12), field_values, max_size=5)
+
+
+def sized(template: dict[str, Any], size: int) -> bytes:
+    """``template`` as JSON, padded with spaces inside to exactly ``size`` bytes."""
+    raw = json.dumps(template).encode()
+    return raw[:-1] + b" " * (size - len(raw)) + raw[-1:]
+
+
+def nested(depth: int, kind: str) -> bytes:
+    """JSON nested ``depth`` levels deep: lists, objects, or objects under a real field name."""
+    if kind == "list":
+        return b"[" * depth + b"]" * depth
+    key = b'{"run_id": ' if kind == "field" else b'{"a": '
+    return key * depth + b"1" + b"}" * depth
+
+
+def nested_spec(depth: int) -> bytes:
+    """A join whose spec_toml nests arrays ``depth`` deep."""
+    return json.dumps({"run_id": "deep-spec", "spec_toml": "[model]\nx = " + "[" * depth + "]" * depth}).encode()
+
+
+limits = st.sampled_from([MAX_BODY_BYTES, MAX_IMAGE_BYTES]).flatmap(lambda n: st.sampled_from([n - 1, n, n + 1]))
+depths = st.sampled_from([MAX_NESTING - 1, MAX_NESTING, MAX_NESTING + 1, 500, 990, 3000]) | st.integers(1, 5000)
 bodies = st.one_of(
     st.none(),
     st.binary(max_size=300),
@@ -60,7 +85,21 @@ bodies = st.one_of(
     st.just(b"[" * 100_000 + b"]" * 100_000),  # deep nesting: a RecursionError in the parser
     st.just(b'{"run_id": ' * 3000 + b'"x"' + b"}" * 3000),
     st.just(b'{"run_id": "' + b"a" * (MAX_BODY_BYTES + 10) + b'"}'),  # over the size limit
+    st.tuples(depths, st.sampled_from(["list", "object", "field"])).map(lambda d: nested(*d)),
+    depths.map(nested_spec),
+    # At and around each limit: a JSON object (a join that fails on its spec) and an image-like blob.
+    limits.map(lambda n: sized({"run_id": "ok", "spec_toml": "["}, n)),
+    limits.map(lambda n: b"\x89PNG\r\n\x1a\n" + bytes(n - 8)),
 )
+LIMIT = {(r.method, r.path): MAX_IMAGE_BYTES if name == "predict" else MAX_BODY_BYTES for name, r in ROUTES.items()}
+
+
+def is_json(body: bytes) -> bool:
+    try:
+        json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    return True
 methods = st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]) | st.text(
     alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=1, max_size=8)
 paths = st.sampled_from(PATHS) | st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7e),
@@ -115,6 +154,12 @@ def test_random_requests_never_get_a_5xx(daemon: DaemonProcess, route: tuple[str
         check_schema(error, "Error")
         if status == 400 and error["error"].get("field") is None:
             assert "JSON" in error["error"]["message"] or "body" in error["error"]["message"]
+        if body is not None and len(body) <= LIMIT[(method, path)]:
+            assert status != 413, (len(body), error)  # within the limit is never "too large"
+            if is_json(body):
+                assert "not valid JSON" not in error["error"]["message"], (len(body), error)
+        if body is not None and len(body) > LIMIT[(method, path)] and method == "POST":
+            assert status in (413, 400, 403, 409), (len(body), error)  # 400/403/409: refused before the body
 
 
 def test_the_daemon_is_still_up_and_unchanged(daemon: DaemonProcess) -> None:
@@ -154,3 +199,65 @@ def test_oversized_body_is_413(daemon: DaemonProcess) -> None:
 def test_unknown_query_parameters_are_named(daemon: DaemonProcess) -> None:
     status, _, reply = raw_exchange(daemon.client.socket_path, b"GET /v1/status?verbose=1 HTTP/1.0\r\n\r\n")
     assert status == 400 and json.loads(reply)["error"]["field"] == "verbose"
+
+
+def send_in_pieces(path: Path, head: bytes, body: bytes, pieces: int = 4) -> tuple[int, dict[str, Any]]:
+    """The way a body crosses a busy socket: in parts, the server running the handler before the last."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(60)
+        sock.connect(str(path))
+        sock.sendall(head)
+        step = -(-len(body) // pieces)
+        for start in range(0, len(body), step):
+            sock.sendall(body[start:start + step])
+            time.sleep(0.2)  # only makes the old bug likely; the answer is checked whatever the timing
+        chunks = []
+        while chunk := sock.recv(1 << 16):
+            chunks.append(chunk)
+    head_out, _, reply = b"".join(chunks).partition(b"\r\n\r\n")
+    return int(head_out.split()[1]), json.loads(reply)
+
+
+def test_a_900_kb_join_body_in_pieces_is_read_whole(daemon: DaemonProcess) -> None:
+    body = json.dumps({"run_id": "ok", "device": "tpu", "spec_toml": "# " + "x" * (900 << 10)}).encode()
+    head = b"POST /v1/join HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(body)
+    status, reply = send_in_pieces(daemon.client.socket_path, head, body)
+    assert status == 400 and reply["error"]["field"] == "device", reply  # parsed whole: the bad device is named
+
+
+@pytest.mark.parametrize("size, expected", [(MAX_BODY_BYTES - 1, 400), (MAX_BODY_BYTES, 400),
+                                            (MAX_BODY_BYTES + 1, 413)])
+def test_json_bodies_at_the_size_limit(daemon: DaemonProcess, size: int, expected: int) -> None:
+    body = sized({"run_id": "ok", "device": "tpu"}, size)
+    status, reply = send_in_pieces(daemon.client.socket_path,
+                                   b"POST /v1/join HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % size, body)
+    assert status == expected, reply
+    assert reply["error"].get("field") == ("device" if expected == 400 else None), reply
+
+
+@pytest.mark.parametrize("depth", [MAX_NESTING + 1, 500, 5000])
+def test_deeply_nested_json_bodies_are_400(daemon: DaemonProcess, depth: int) -> None:
+    status, _, reply = raw_exchange(daemon.client.socket_path, b"POST /v1/join HTTP/1.0\r\nContent-Length: %d\r\n\r\n"
+                                    % len(nested(depth, "field")) + nested(depth, "field"))
+    error = json.loads(reply)["error"]
+    assert status == 400 and ("deep" in error["message"] or "nested" in error["message"]), error
+
+
+@pytest.mark.parametrize("depth", [40, 300, 5000])
+def test_a_deeply_nested_spec_toml_is_refused_naming_it(daemon: DaemonProcess, depth: int) -> None:
+    body = nested_spec(depth)
+    status, _, reply = raw_exchange(daemon.client.socket_path, b"POST /v1/join HTTP/1.0\r\nContent-Length: %d\r\n\r\n"
+                                    % len(body) + body)
+    error = json.loads(reply)["error"]
+    assert status == 400 and error.get("field") == "spec_toml", error
+    assert daemon.status()["run_id"] is None
+
+
+def test_a_deeply_nested_published_spec_is_no_5xx_crash(daemon: DaemonProcess) -> None:
+    run = Path(daemon.discovery.removeprefix("file://")) / "runs" / "deep-store"
+    run.mkdir(parents=True)
+    (run / "spec.json").write_bytes(b'{"model": {"arch": ' + b"[" * 5000 + b"]" * 5000 + b"}}")
+    err = daemon.api_error("join", {"run_id": "deep-store"})
+    assert err.status != 500, err.body  # it was an uncaught RecursionError
+    assert err.body["error"]["code"] == "bad_published_spec" and "nested" in err.body["error"]["message"], err.body
+    assert daemon.status()["run_id"] is None

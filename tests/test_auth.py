@@ -24,7 +24,15 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from hivemindd.auth import Access, Authorizer, decide, groups_of, identity_check_available, peer_credentials
+from hivemindd.auth import (
+    Access,
+    Authorizer,
+    LoopbackSecrets,
+    decide,
+    groups_of,
+    identity_check_available,
+    peer_credentials,
+)
 from hivemindd.cli import Client
 from hivemindd.cli import main as cli_main
 from hivemindd.protocol import EX_NOPERM
@@ -238,3 +246,58 @@ def test_non_loopback_http_is_refused_unless_allowed(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "http must be HOST:PORT" in bad.stderr
     bad = run_daemon_expecting_failure(tmp_path, "--http", "example.com:80")
     assert bad.returncode == 2 and "not an IP address" in bad.stderr
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def token_file(tmp: Path, token: str) -> Path:
+    path = tmp / "http.token"
+    new = tmp / "http.token.new"
+    new.write_text(token + "\n")
+    new.replace(path)  # a new inode, as state.write_atomic makes
+    return path
+
+
+def test_dashboard_sessions_are_random_expire_and_are_never_the_token(tmp_path: Path) -> None:
+    token = "t" * 43
+    clock = FakeClock()
+    secrets = LoopbackSecrets(token_file(tmp_path, token), token, ttl_s=100, clock=clock)
+    one, two = secrets.open_session(), secrets.open_session()
+    assert len({one.id, two.id, one.control_key, two.control_key, token}) == 5
+    assert secrets.session(one.id) == one and secrets.session(token) is None
+    assert not secrets.is_token(one.id) and secrets.is_token(token)
+    clock.now += 99
+    assert secrets.session(two.id) == two
+    clock.now += 1
+    assert secrets.session(one.id) is None and secrets.session(two.id) is None  # fixed lifetime, not sliding
+
+
+def test_a_new_token_in_the_file_ends_every_session(tmp_path: Path) -> None:
+    old = "o" * 43
+    path = token_file(tmp_path, old)
+    secrets = LoopbackSecrets(path, old)
+    session = secrets.open_session()
+    token_file(tmp_path, "short")  # hand-edited into something guessable: not taken
+    assert secrets.is_token(old) and secrets.session(session.id) == session
+    token_file(tmp_path, "n" * 43)
+    assert secrets.session(session.id) is None
+    assert not secrets.is_token(old) and secrets.is_token("n" * 43)
+    path.unlink()  # gone: the token in memory stays (the next start makes a new one)
+    assert secrets.is_token("n" * 43)
+
+
+def test_logins_beyond_the_cap_push_out_the_oldest_session(tmp_path: Path) -> None:
+    clock = FakeClock()
+    secrets = LoopbackSecrets(token_file(tmp_path, "t" * 43), "t" * 43, max_sessions=3, clock=clock)
+    sessions = []
+    for _ in range(4):
+        sessions.append(secrets.open_session())
+        clock.now += 1
+    assert secrets.session(sessions[0].id) is None
+    assert all(secrets.session(s.id) == s for s in sessions[1:])

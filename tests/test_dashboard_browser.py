@@ -89,6 +89,11 @@ def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
             return exc.code, exc.read()
 
 
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # keep the 303 of /?token= and its Set-Cookie (urllib raises it as an HTTPError)
+
+
 def test_the_swarm_view_lists_both_training_peers(pair: Pair) -> None:
     view = wait_until(lambda: both_training(pair), 150, "both peers to train in A's swarm view")
     check_schema(view, "Swarm")
@@ -134,7 +139,11 @@ def test_the_listener_wants_the_token_and_the_cookie_only_reads(pair: Pair) -> N
     assert status == 401 and "?token=" in json.loads(body)["error"]["message"]
     status, _ = get(url + "/?token=wrong")
     assert status == 401
-    cookie = {"Cookie": f"hivemindd_token={pair.token()}"}
+    assert get(url + "/", {"Cookie": f"hivemindd_token={pair.token()}"})[0] == 401  # the token is never a cookie
+    with pytest.raises(urllib.error.HTTPError) as login:  # the 303 of /?token=, not followed
+        urllib.request.build_opener(NoRedirect).open(url + "/?token=" + pair.token(), timeout=30)
+    login.value.close()
+    cookie = {"Cookie": login.value.headers["Set-Cookie"].split(";", 1)[0]}  # hivemindd_session=<random id>
     assert get(url + "/", cookie)[0] == 200
     assert get(url + "/static/uPlot.iife.min.js", cookie)[0] == 200
     request = urllib.request.Request(url + "/v1/pause", data=b"{}", method="POST", headers=cookie)

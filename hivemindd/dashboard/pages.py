@@ -2,22 +2,25 @@
 
 Everything the page needs ships in ``static/``: no build step, nothing fetched from
 a CDN (a host in a training cluster often has no internet). On the loopback TCP
-listener, ``GET /?token=<token>`` trades the token for an HttpOnly, SameSite=Strict
-session cookie and redirects to ``/``, so the token leaves the address bar and the
-page's script never sees it (see api.token_guard for what the cookie may do).
+listener, ``GET /?token=<token>`` trades the token for a new dashboard session
+(auth.DashboardSession): its random id in an HttpOnly, SameSite=Strict cookie, and
+its control key in the fragment of the redirect to ``/#<key>``, which the page's
+script keeps in the tab's sessionStorage and sends back in the ``X-Hivemindd-Dashboard``
+header. The token leaves the address bar, the page never sees it, and the cookie is
+never the token (see api.token_guard for what the cookie alone may do).
 """
 
 from __future__ import annotations
 
-import hmac
 from pathlib import Path
 
 from aiohttp import web
 
+from hivemindd.auth import LoopbackSecrets
 from hivemindd.protocol import RequestError
 
 STATIC = Path(__file__).with_name("static")
-COOKIE = "hivemindd_token"
+COOKIE = "hivemindd_session"  # a session id, never the token (an old "hivemindd_token" cookie is ignored)
 CONTROL_HEADER = "X-Hivemindd-Dashboard"
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8", ".md": "text/plain; charset=utf-8", ".LICENSE": "text/plain; charset=utf-8"}
@@ -39,17 +42,19 @@ def _file(name: str) -> web.Response:
     return web.Response(body=path.read_bytes(), headers={**_SECURITY, "Content-Type": content_type})
 
 
-def add_routes(app: web.Application, token: str | None) -> None:
+def add_routes(app: web.Application, loopback: LoopbackSecrets | None) -> None:
     async def index(request: web.Request) -> web.StreamResponse:
         given = request.query.get("token")
         if given is not None:
-            if token is None:  # the unix socket needs no token: just drop it
+            if loopback is None:  # the unix socket needs no token: just drop it
                 raise web.HTTPSeeOther("/")
-            if not hmac.compare_digest(given.encode(errors="replace"), token.encode()):
-                raise RequestError("wrong token in ?token=; use the one in the daemon's http.token file",
+            if not loopback.is_token(given):
+                raise RequestError(f"wrong token in ?token=; use the one in {loopback.token_file}",
                                    field="token", status=401, code="unauthorized")
-            response = web.HTTPSeeOther("/")
-            response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
+            session = loopback.open_session()
+            response = web.HTTPSeeOther("/#" + session.control_key)
+            response.set_cookie(COOKIE, session.id, httponly=True, samesite="Strict", path="/",
+                                max_age=str(int(loopback.ttl_s)))
             response.headers.update(_SECURITY)
             raise response
         for key in request.query:

@@ -14,10 +14,21 @@ function writeStatus() {
   document.getElementById("hm-test-status").textContent = JSON.stringify(status);
 }
 
+// The session's control key: /?token= redirects to /#<key> (a fragment is never sent to any server); the tab
+// keeps it in sessionStorage, which no other origin, not even another port of this host, can read. The
+// session cookie alone only reads.
+const CONTROL_KEY = (() => {
+  const fromAddress = location.hash.slice(1);
+  if (fromAddress) {
+    sessionStorage.setItem("hivemindd-control-key", fromAddress);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return sessionStorage.getItem("hivemindd-control-key") || "";
+})();
+
 async function api(path, options) {
-  // The header proves a same-origin request (another page cannot send it without a CORS preflight).
   const opts = Object.assign({ credentials: "same-origin", cache: "no-store" }, options || {});
-  opts.headers = Object.assign({ "X-Hivemindd-Dashboard": "1" }, opts.headers || {});
+  opts.headers = Object.assign({ "X-Hivemindd-Dashboard": CONTROL_KEY }, opts.headers || {});
   const response = await fetch(path, opts);
   const body = await response.json().catch(() => null);
   if (!response.ok) {
