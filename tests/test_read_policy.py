@@ -200,3 +200,13 @@ def test_a_trainer_refuses_a_class_list_linked_into_its_state_dir(tmp_path: Path
     assert done.returncode == 2, done.stdout + done.stderr
     assert "data.classes: cannot read the class list" in done.stdout and "state directory" in done.stdout
     assert "secret key" not in done.stdout + done.stderr
+
+
+def test_pretrained_weights_are_read_under_the_policy(state: Path, policy: None) -> None:
+    from hivemindd.trainer.model import build_model, load_pretrained
+
+    (state / "runs" / "other").mkdir(parents=True)
+    (state / "runs" / "other" / "best.pt").write_bytes(b"another run's weights")
+    read_policy.install(ReadPolicy(state_dir=str(state), cache_dir=str(state / "cache")))
+    with pytest.raises(ConfigError, match=r"^model\.pretrained: .*best\.pt: a run spec may not read this host's state"):
+        load_pretrained(build_model("resnet18", 2, 32), str(state / "runs" / "other" / "best.pt"), "resnet18", 2)

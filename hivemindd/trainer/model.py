@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
+from hivemindd.trainer import read_policy
 from hivemindd.trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,10 @@ def load_pretrained(model: nn.Module, location: str, arch: str, num_classes: int
     architecture or another number of classes is a ConfigError naming what differs.
     """
     path = Path(location.removeprefix("file://")).expanduser()
+    try:
+        read_policy.current().check_local(path)  # not the state dir, /dev, …, nor outside [host] data_roots
+    except read_policy.ReadRefused as exc:
+        raise ConfigError(f"model.pretrained: {exc}") from None
     if not path.is_file():
         raise ConfigError(f"model.pretrained: {location} is not a file on this host (weights are never downloaded)")
     try:
