@@ -33,13 +33,18 @@ from hivemindd.protocol import (
 SYSTEM_SOCKET = Path("/run/hivemindd/hivemindd.sock")  # the system unit's (systemd/hivemindd.service)
 
 
+SOCKET_NAME = "hivemindd.sock"  # the daemon's socket in its state dir (config.py's default)
+# sun_path holds 108 bytes on Linux and 104 on macOS and the BSDs, the terminating NUL included.
+SOCKET_PATH_LIMIT = 107 if sys.platform.startswith("linux") else 103
+
+
 def default_socket() -> Path:
     """$HIVEMINDD_STATE_DIR's socket; else this user's daemon's; else the system service's if it exists."""
     state_dir = os.environ.get("HIVEMINDD_STATE_DIR")
     if state_dir:
-        return Path(state_dir).expanduser() / "hivemindd.sock"
+        return Path(state_dir).expanduser() / SOCKET_NAME
     xdg = os.environ.get("XDG_STATE_HOME")
-    own = (Path(xdg) if xdg else Path.home() / ".local" / "state") / "hivemindd" / "hivemindd.sock"
+    own = (Path(xdg) if xdg else Path.home() / ".local" / "state") / "hivemindd" / SOCKET_NAME
     return SYSTEM_SOCKET if not own.exists() and SYSTEM_SOCKET.exists() else own
 
 
@@ -58,6 +63,15 @@ class Client:
         self.socket_path = socket_path
         self.json_output = json_output
         self.timeout = timeout
+
+    def check_path(self) -> None:
+        """Exit with a message that says what to do when the socket path cannot be a unix socket's address."""
+        size = len(os.fsencode(self.socket_path))
+        if size > SOCKET_PATH_LIMIT:
+            fail(f"socket path {self.socket_path} is {size} bytes, longer than a unix socket address may be "
+                 f"({SOCKET_PATH_LIMIT} bytes on this system): start hivemindd with a shorter --state-dir or "
+                 "--socket, or make a symbolic link to the socket in a short folder and pass that as --socket.",
+                 EX_UNAVAILABLE)
 
     def reachable(self) -> bool:
         """Whether something accepts connections on the socket (without asking it anything)."""
@@ -91,11 +105,13 @@ class Client:
     def call(self, name: str, body: dict[str, Any] | None = None, query: str = "") -> Any:
         route = ROUTES[name]
         payload = json.dumps(body).encode() if body is not None else None
+        self.check_path()
         try:
             status, raw = self.exchange(route.method, route.path + (f"?{query}" if query else ""), payload)
         except (FileNotFoundError, ConnectionRefusedError):
             fail(f"hivemindd is not running (nothing listens on {self.socket_path}). Start it with `hivemindd`, "
-                 "or check `systemctl status hivemindd`; pass --socket if it uses another path.", EX_UNAVAILABLE)
+                 "or check `systemctl status hivemindd`; pass --state-dir or --socket if it uses another path.",
+                 EX_UNAVAILABLE)
         except PermissionError:
             fail(f"permission denied on {self.socket_path}: run as the daemon's user or a member of its group.",
                  EX_NOPERM)
@@ -154,11 +170,16 @@ json_option = click.option("--json", "json_output", is_flag=True, help="Print JS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--state-dir", "state_dir", envvar="HIVEMINDD_STATE_DIR", metavar="DIR",
+              type=click.Path(file_okay=False, path_type=Path),
+              help="The daemon's state directory (as given to `hivemindd --state-dir`); hmctl talks to "
+                   "DIR/hivemindd.sock. [$HIVEMINDD_STATE_DIR, else ~/.local/state/hivemindd, "
+                   "else the system service's]")
 @click.option("--socket", "socket_path", envvar="HIVEMINDD_SOCKET", type=click.Path(dir_okay=False, path_type=Path),
-              help="hivemindd's control socket. [$HIVEMINDD_SOCKET, else <state-dir>/hivemindd.sock, "
-                   "else /run/hivemindd/hivemindd.sock]")
+              help="hivemindd's control socket, when the daemon was given its own --socket. "
+                   "[$HIVEMINDD_SOCKET, else <state-dir>/hivemindd.sock, else /run/hivemindd/hivemindd.sock]")
 @click.pass_context
-def main(ctx: click.Context, socket_path: Path | None) -> None:
+def main(ctx: click.Context, state_dir: Path | None, socket_path: Path | None) -> None:
     """Control the hivemindd on this machine.
 
     \b
@@ -171,7 +192,19 @@ def main(ctx: click.Context, socket_path: Path | None) -> None:
     Exit codes: 0 ok, 1 the daemon refused the request, 69 the daemon is unreachable,
     77 this user may not do that (join the operator group).
     """
-    ctx.obj = Client(socket_path or default_socket())
+    ctx.obj = Client(choose_socket(ctx, state_dir, socket_path))
+
+
+def choose_socket(ctx: click.Context, state_dir: Path | None, socket_path: Path | None) -> Path:
+    """Flags before environment variables; at the same level --socket (the exact path) before --state-dir."""
+    from_state_dir = state_dir.expanduser() / SOCKET_NAME if state_dir is not None else None
+    typed = {name: ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+             for name in ("socket_path", "state_dir")}
+    if socket_path is not None and typed["socket_path"]:
+        return socket_path
+    if from_state_dir is not None and typed["state_dir"]:
+        return from_state_dir
+    return socket_path or from_state_dir or default_socket()
 
 
 def _with_json(ctx: click.Context, json_output: bool) -> None:

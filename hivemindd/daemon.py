@@ -7,6 +7,8 @@ the same path as any stop.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import resource
 import signal
 import sys
@@ -20,19 +22,46 @@ import structlog
 from hivemindd import __version__
 from hivemindd.config import ConfigError, DaemonConfig, build_config
 from hivemindd.host import Daemon, StartupError
-from hivemindd.logfile import DaemonLogRing
+from hivemindd.logfile import (
+    HIVEMIND_LEVEL_VARIABLE,
+    DaemonLogRing,
+    add_iso_time,
+    hivemind_level,
+    route_hivemind_logs,
+)
 from hivemindd.notify import Notifier, ServiceHeartbeat, status_line
 
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
-def configure_logging(fmt: str) -> DaemonLogRing:
-    """Log to stderr; returns the ring that also keeps the daemon's own lines, for the API."""
+
+def configure_logging(fmt: str, level: str = "info") -> DaemonLogRing:
+    """Log to stderr; returns the ring that also keeps the daemon's own lines, for the API.
+
+    Every line starts with an ISO 8601 UTC time in milliseconds (logfile.iso_time), the daemon's own
+    (structlog) and those of libraries (standard logging: hivemind here and in its DHT process, aiohttp)
+    alike. hivemind logs at WARNING unless ``level`` is debug (logfile.hivemind_level); the variable
+    that says so is inherited by the trainers this daemon starts.
+    """
     renderer: Any = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(
         colors=sys.stderr.isatty())
     daemon_log = DaemonLogRing(sys.stderr)  # stderr as before (the journal), and a ring for `hmctl logs --daemon`
     structlog.configure(
-        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"), renderer],
+        processors=[structlog.processors.add_log_level, add_iso_time, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(LOG_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(daemon_log),  # type: ignore[arg-type]
     )
+    handler = logging.StreamHandler(daemon_log)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    *([structlog.processors.format_exc_info] if fmt == "json" else []), renderer],
+        foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name, add_iso_time]))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    hivemind = hivemind_level(debug=level == "debug")
+    os.environ[HIVEMIND_LEVEL_VARIABLE] = hivemind  # before hivemind is imported: it also sets p2pd's level
+    with suppress(ImportError):
+        route_hivemind_logs(hivemind)
     return daemon_log
 
 
@@ -89,6 +118,9 @@ async def serve(cfg: DaemonConfig, daemon_log: DaemonLogRing | None = None) -> N
               help="Seconds before a trainer parked in crashloop is tried again (joining or resuming retries at once). "
                    "[300]")
 @click.option("--log-format", type=click.Choice(["console", "json"]), help="Daemon log format. [console]")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Daemon log level; debug also shows hivemind's own INFO and DEBUG lines (else WARNING and up, "
+                   "or $HIVEMIND_LOGLEVEL), in the daemon and its trainers. [info]")
 @click.option("--operator-group", help="Members of this group may control the daemon; other users only read status. [hivemind]")
 @click.option("--http", help="Also serve the API on this loopback HOST:PORT, with the bearer token in <state-dir>/http.token.")
 @click.option("--http-allow-remote", is_flag=True, default=None, help="Let --http bind a non-loopback address.")
@@ -114,7 +146,7 @@ def main(ctx: click.Context, **flags: Any) -> None:
         cfg = build_config(flags)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    daemon_log = configure_logging(cfg.log_format)
+    daemon_log = configure_logging(cfg.log_format, cfg.log_level)
     raise_open_file_limit()
     # hivemind imports torch, whose deprecation chatter is not the owner's concern.
     warnings.filterwarnings("ignore", category=FutureWarning)

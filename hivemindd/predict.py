@@ -5,8 +5,9 @@ Runs as a subprocess of hmctl (which must not import torch) and of the daemon
 is rebuilt from the run's spec (``<run dir>/spec.json``), the weights come from the
 checkpoint payload the trainer writes (``model`` state dict), and images go through
 the same deterministic transform as validation. Class names come from the spec's
-``[data] classes`` list when it has one; an entry like ``"n01440764 tench, Tinca
-tinca"`` (or ``"n01440764: tench"``) gives a synset and a human label.
+``[data] classes`` list when it has one (the demo set, ``demo://shapes``, names its
+own); an entry like ``"n01440764 tench, Tinca tinca"`` (or ``"n01440764: tench"``)
+gives a synset and a human label.
 
 Exit codes: 0 ok (every image answered or reported as unreadable), 2 unusable
 input (no such checkpoint, spec or model mismatch): the message is on stderr.
@@ -90,6 +91,7 @@ def predict(images: list[Path], checkpoint: Path, spec: Any, top: int) -> dict[s
     from PIL import Image, UnidentifiedImageError
 
     from hivemindd.trainer.data import load_classes
+    from hivemindd.trainer.demo_data import class_names as demo_class_names
     from hivemindd.trainer.errors import ConfigError
     from hivemindd.trainer.model import build_model
     from hivemindd.trainer.transforms import DeviceNormalizer, val_transform
@@ -97,7 +99,8 @@ def predict(images: list[Path], checkpoint: Path, spec: Any, top: int) -> dict[s
     torch.set_num_threads(min(4, torch.get_num_threads()))
     try:
         model = build_model(spec.model.arch, spec.model.num_classes, spec.data.image_size)
-        classes = load_classes(spec.data.classes) if spec.data.classes else None
+        # The demo set names its own classes ("red disc" …); any other set names them in [data] classes.
+        classes = load_classes(spec.data.classes) if spec.data.classes else demo_class_names(spec.data.train)
     except ConfigError as exc:
         raise PredictError(str(exc)) from None
     try:

@@ -107,3 +107,79 @@ def test_status_labels_the_previous_attempts_error_as_such() -> None:
     }
     text = render_status(status)
     assert "restarted after: trainer hung" in text and "error     " not in text
+
+
+class _FakeDaemon:
+    """Answers every request on a unix socket with ``[]`` (HTTP 200), in a thread; records nothing."""
+
+    def __init__(self, path: Path) -> None:
+        import socket
+        import threading
+
+        self.path = path
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(str(path))
+        self._server.listen(4)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1 << 16)
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n[]")
+
+    def close(self) -> None:
+        self._server.close()
+
+
+def _short_dir() -> Path:
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="hmc-", dir="/tmp"))
+
+
+def test_state_dir_flag_finds_the_daemons_socket() -> None:
+    import shutil
+
+    root = _short_dir()
+    try:
+        (root / "state").mkdir()
+        daemon = _FakeDaemon(root / "state" / "hivemindd.sock")
+        try:
+            result = CliRunner().invoke(main, ["--state-dir", str(root / "state"), "peers", "--json"])
+            assert result.exit_code == 0, result.output
+            assert result.output.strip() == "[]"
+            # The flag beats the environment, whichever variable it is; --socket beats --state-dir.
+            env = {"HIVEMINDD_SOCKET": str(root / "other.sock"), "HIVEMINDD_STATE_DIR": str(root / "other")}
+            result = CliRunner().invoke(main, ["--state-dir", str(root / "state"), "peers", "--json"], env=env)
+            assert result.exit_code == 0, result.output
+            result = CliRunner().invoke(main, ["--state-dir", str(root / "state"), "--socket", str(root / "x.sock"),
+                                               "peers"])
+            assert result.exit_code == EX_UNAVAILABLE and "x.sock" in result.output
+            result = CliRunner().invoke(main, ["peers", "--json"], env={"HIVEMINDD_STATE_DIR": str(root / "state")})
+            assert result.exit_code == 0 and result.output.strip() == "[]", result.output
+        finally:
+            daemon.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_help_names_the_state_dir_flag_and_its_variable() -> None:
+    result = CliRunner().invoke(main, ["--help"])
+    assert "--state-dir" in result.output and "HIVEMINDD_STATE_DIR" in result.output
+
+
+def test_a_socket_path_too_long_for_unix_sockets_says_what_to_do(tmp_path: Path) -> None:
+    long_dir = tmp_path / ("d" * 120)
+    result = CliRunner().invoke(main, ["--state-dir", str(long_dir), "status"])
+    assert result.exit_code == EX_UNAVAILABLE
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "AF_UNIX" not in lines[0], lines
+    assert "longer than a unix socket address may be" in lines[0] and "shorter --state-dir or --socket" in lines[0]
+    result = CliRunner().invoke(main, ["--socket", str(long_dir / "s.sock"), "peers"])
+    assert result.exit_code == EX_UNAVAILABLE and "longer than a unix socket address" in result.output

@@ -165,3 +165,89 @@ def test_metrics_on_the_listener_parse_as_prometheus(pair: Pair) -> None:
     assert values[("hivemindd_trainer_step", "")] > 0 and values[("hivemindd_swarm_peers", "")] == 2
     assert all(s.labels.get("run_id") == "demo" for f in families.values() for s in f.samples if s.name != "hivemindd_info")
     assert get(pair.url() + "/metrics")[0] == 401
+
+
+# --- the page alone, against canned answers (no daemons): what it draws for given metrics -------------------
+
+STATIC = Path(__file__).resolve().parent.parent / "hivemindd" / "dashboard" / "static"
+
+
+def _system_rows(gpu: bool) -> dict[str, list[Any]]:
+    """Two stretches of 5 s samples with a 10-minute pause between them."""
+    times = [1_700_000_000 + 5 * i for i in range(20)] + [1_700_000_700 + 5 * i for i in range(20)]
+    n = len(times)
+    return {"timestamp": times, "cpu_percent": [50.0] * n, "mem_percent": [30.0] * n, "net_sent_mb": [1.0] * n,
+            "net_recv_mb": [1.0] * n, "gpu_util_percent": [80.0] * n if gpu else [None] * n,
+            "gpu_mem_used_gb": [3.5] * n if gpu else [None] * n}
+
+
+def _canned_api(gpu: bool) -> dict[str, Any]:
+    status = {"hostname": "h", "peer_id": "QmCanned", "version": "0.1.0", "run_id": "demo", "paused": False,
+              "trainer": {"state": "running", "restarts": 0, "since_s": 60, "step": 40, "epoch": 2, "loss": 1.5}}
+    swarm = {"run_id": "demo", "peers": [], "totals": {"peers": 0, "training": 0, "samples_per_s": 0.0,
+                                                       "dataset_epochs": None, "best_val_top1": None}}
+    history = {"run_id": "demo", "cursor": "1.1.1", "system": _system_rows(gpu),
+               "training": {"step": [1, 2, 3], "timestamp": [1, 2, 3], "loss": [2.0, 1.9, 1.8], "lr": [0.1] * 3,
+                            "train_top1": [0.1] * 3, "samples_per_s": [10.0] * 3},
+               "validation": {}}
+    return {"/v1/status": status, "/v1/swarm": swarm, "/v1/metrics/history": history,
+            "/v1/logs": {"entries": [], "lines": [], "next": 0}}
+
+
+def _serve_page(answers: dict[str, Any]) -> tuple[Any, str]:
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0]
+            if path in answers:
+                body, kind = json.dumps(answers[path]).encode(), "application/json"
+            elif path == "/" or path.startswith("/static/"):
+                name = "index.html" if path == "/" else path.removeprefix("/static/")
+                body = (STATIC / name).read_bytes()
+                kind = {".js": "text/javascript", ".css": "text/css"}.get(Path(name).suffix, "text/html")
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+def _page_status(url: str, tmp_path: Path) -> dict[str, Any]:
+    assert CHROMIUM is not None
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=90)
+    found = re.search(r'<pre id="hm-test-status"[^>]*>(.*?)</pre>', dom.stdout, re.S)
+    assert found, dom.stdout[-2000:] + dom.stderr[-2000:]
+    page: dict[str, Any] = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    page["gpu_note_hidden"] = bool(re.search(r'id="gpu-none"[^>]*\shidden', dom.stdout))
+    return page
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["no-gpu", "gpu"])
+def test_the_gpu_chart_says_no_gpu_and_time_charts_break_at_a_pause(gpu: bool, tmp_path: Path) -> None:
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium)")
+    server, url = _serve_page(_canned_api(gpu))
+    try:
+        page = _page_status(url, tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert page["errors"] == [] and page["polls"] >= 1, page
+    assert page["gpu"] == ("drawn" if gpu else "none") and page["gpu_note_hidden"] is gpu, page
+    # One break in every time chart, where the 10-minute pause is; none in the charts drawn by step.
+    assert page["gaps"] == {"loss": 0, "acc": 0, "lr": 0, "sps": 0, "cpu": 1, "net": 1, "gpu": 1}, page
+    assert page["points"]["cpu"] == 80 and page["points"]["gpu"] == (80 if gpu else 0)

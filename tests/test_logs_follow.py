@@ -100,3 +100,54 @@ def test_follow_streams_new_daemon_lines_until_interrupted(daemon: DaemonProcess
     finally:
         follower.send_signal(signal.SIGINT)
         assert follower.wait(timeout=10) == 0
+
+
+def test_daemon_lines_start_with_iso_utc_milliseconds(daemon: DaemonProcess) -> None:
+    import re
+
+    shown = daemon.hmctl("logs", "--daemon", "-n", "200")
+    lines = [line for line in shown.stdout.splitlines() if line.strip()]
+    assert lines and any("daemon.started" in line for line in lines)
+    dated = [line for line in lines if re.match(r"\d{4}-\d\d-\d\d", line)]
+    assert dated and all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ", line) for line in dated), dated
+
+
+def _log_in_a_daemon_process(level: str) -> str:
+    """configure_logging as `hivemindd --log-level LEVEL` calls it, then lines from structlog and hivemind."""
+    code = f"""
+import logging, structlog
+from hivemindd.daemon import configure_logging
+configure_logging("console", {level!r})
+structlog.get_logger("t").info("daemon.started", peer_id="Qm")
+from hivemind.utils.logging import get_logger
+get_logger("hivemind.optim.progress_tracker").info("demo accumulated 992 samples for epoch #1")
+get_logger("hivemind.dht.dht").warning("DHT did not shut down within the grace period")
+import os; print("HIVEMIND_LOGLEVEL=" + os.environ["HIVEMIND_LOGLEVEL"], flush=True)
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "HIVEMIND_LOGLEVEL"}
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout + done.stderr
+
+
+def test_hivemind_logs_at_warning_unless_debug_in_the_daemons_format() -> None:
+    import re
+
+    quiet = _log_in_a_daemon_process("info")
+    assert "accumulated 992 samples" not in quiet and "HIVEMIND_LOGLEVEL=WARNING" in quiet  # trainers inherit it
+    lines = [line for line in quiet.splitlines() if "daemon.started" in line or "grace period" in line]
+    assert len(lines) == 2, quiet
+    for line in lines:  # hivemind's warning in the daemon's own format, not "Dec 01 10:55:38.288 [WARN]"
+        assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \[", line), line
+    chatty = _log_in_a_daemon_process("debug")
+    assert "accumulated 992 samples" in chatty and "HIVEMIND_LOGLEVEL=DEBUG" in chatty
+
+
+def test_log_level_is_checked_and_carried_in_the_config(tmp_path: Path) -> None:
+    from hivemindd.config import ConfigError, build_config
+
+    assert build_config({"state_dir": str(tmp_path), "log_level": "debug"}).log_level == "debug"
+    assert build_config({"state_dir": str(tmp_path)}).log_level == "info"
+    with pytest.raises(ConfigError, match="log_level must be 'debug', 'info', 'warning' or 'error', got 'loud'"):
+        build_config({"state_dir": str(tmp_path), "log_level": "loud"})

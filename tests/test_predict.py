@@ -262,3 +262,28 @@ def test_every_torch_load_in_the_package_is_weights_only() -> None:
                 keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
                 calls.append((f"{source.relative_to(package)}:{node.lineno}", keywords.get("weights_only")))
     assert calls and all(value == "True" for _, value in calls), calls
+
+
+def test_the_demo_runs_classes_have_names(tmp_path: Path) -> None:
+    """A run of examples/demo.toml (no [data] classes: the demo set names its own) predicts "red disc", not "#0"."""
+    import subprocess
+    import sys
+
+    from hivemindd.trainer.demo_data import CLASS_NAMES
+
+    spec = parse_toml((Path(__file__).resolve().parent.parent / "hivemindd" / "examples" / "demo.toml").read_text())
+    assert spec.data.classes == "" and spec.model.num_classes == len(CLASS_NAMES)
+    run_dir = tmp_path / "runs" / "demo"
+    write_atomic(run_dir / "spec.json", spec.to_json().encode())
+    write_checkpoint(run_dir / "checkpoints", arch=spec.model.arch, num_classes=spec.model.num_classes)
+    image = tmp_path / "red.png"
+    png(image)
+    done = subprocess.run([sys.executable, "-m", "hivemindd.predict", "--run-dir", str(run_dir), "--checkpoint",
+                           "latest", "--top", "10", str(image)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    top = json.loads(done.stdout)["results"][0]["top"]
+    assert len(top) == 10
+    for c in top:
+        assert c["label"] == c["name"] == CLASS_NAMES[c["index"]]
+    assert {c["label"] for c in top} == set(CLASS_NAMES)
+    assert {"red disc", "blue cross", "green ring"} <= set(CLASS_NAMES)

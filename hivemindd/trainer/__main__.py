@@ -8,6 +8,8 @@ event says which), 1 for any other crash (traceback on stderr).
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import logging
 import os
 import signal
@@ -18,6 +20,7 @@ from pathlib import Path
 from types import FrameType
 
 from hivemindd.launch import TrainerLaunch
+from hivemindd.logfile import HIVEMIND_LEVEL_VARIABLE, IsoFormatter, hivemind_level, route_hivemind_logs
 from hivemindd.spec import SpecError
 from hivemindd.trainer import read_policy
 from hivemindd.trainer.errors import ConfigError
@@ -35,6 +38,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--launch", required=True, type=Path, help="launch file written by the supervisor (JSON)")
     parser.add_argument("--events-fd", type=int, default=None, help="inherited pipe fd for JSON-line events")
     return parser.parse_args(argv)
+
+
+def configure_logging() -> None:
+    """Lines on stdout (the daemon appends them to the trainer log), stamped as the daemon stamps its own.
+
+    hivemind, imported later, logs at WARNING unless the daemon (``--log-level debug``) or the owner
+    ($HIVEMIND_LOGLEVEL) says otherwise: its INFO lines come several a second while training.
+    """
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(IsoFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    os.environ[HIVEMIND_LEVEL_VARIABLE] = hivemind_level()  # read when hivemind is imported; it also sets p2pd's
 
 
 def install_stop_handlers(stop: threading.Event) -> None:
@@ -72,8 +87,7 @@ def read_launch(path: Path) -> TrainerLaunch:
 
 def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # the daemon tails the log live
-    logging.basicConfig(stream=sys.stdout, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     args = parse_args(argv)
     stop = threading.Event()
     install_stop_handlers(stop)
@@ -88,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         # Imported late: torch and hivemind take seconds, and a bad launch file should fail fast.
         from hivemindd.trainer.loop import run
 
+        route_hivemind_logs(os.environ[HIVEMIND_LEVEL_VARIABLE])
         run(launch, events, stop)
         return EXIT_OK
     except ConfigError as exc:
@@ -102,19 +117,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_promptly(code: int, grace_s: float = 15.0) -> None:
-    """Exit with ``code``; if exit-time cleanup (joins of hivemind's children) hangs, cut it short."""
+    """Exit with ``code`` once exit-time cleanup is done, without tearing the interpreter down.
+
+    The cleanup that matters runs: atexit handlers (multiprocessing joins hivemind's children there).
+    The interpreter's own teardown does not: with torch and hivemind loaded its final garbage
+    collection alone took 3–9 s on a busy 2-core host, after the trainer had already said "stopped",
+    and the daemon waits for the exit before it calls a leave or a pause done. If the cleanup
+    hangs, the timer cuts it short.
+    """
 
     def force() -> None:
         log.warning("exit cleanup still running after %.0fs; exiting anyway", grace_s)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _flush_and_exit(code)
 
     # A daemon thread keeps running while atexit handlers run, which is where a hang would be.
     timer = threading.Timer(grace_s, force)
     timer.daemon = True
     timer.start()
-    sys.exit(code)
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        _flush_and_exit(code)
+
+
+def _flush_and_exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

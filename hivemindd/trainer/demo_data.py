@@ -38,10 +38,19 @@ _MTIME = 1_700_000_000
 # Two colours per shape; a class is a (shape, colour) pair, so neither alone is enough.
 _SHAPES = ("disc", "square", "triangle", "cross", "ring")
 _COLOURS = ((220, 40, 40), (40, 90, 230), (40, 190, 60), (235, 200, 30))
+_COLOUR_NAMES = ("red", "blue", "green", "yellow")
 CLASSES: tuple[tuple[str, tuple[int, int, int]], ...] = tuple(
     (shape, _COLOURS[(i + k) % len(_COLOURS)]) for i, shape in enumerate(_SHAPES) for k in (0, 2)
 )
 NUM_CLASSES = len(CLASSES)
+# What each label means, by label: "red disc", "green disc", "blue square", …
+CLASS_NAMES: tuple[str, ...] = tuple(f"{_COLOUR_NAMES[_COLOURS.index(colour)]} {shape}" for shape, colour in CLASSES)
+DEMO_LOCATIONS = ("demo://shapes/train", "demo://shapes/val")
+
+
+def class_names(location: str) -> list[str] | None:
+    """The class names of a demo set location (index = label), or None for any other data location."""
+    return list(CLASS_NAMES) if location in DEMO_LOCATIONS else None
 
 
 @dataclass(frozen=True)

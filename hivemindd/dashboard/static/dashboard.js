@@ -5,7 +5,11 @@
 
 const POLL_MS = 3000;
 const MAX_POINTS = 6000;
-const status = { polls: 0, errors: [], points: {}, swarm_rows: 0, swarm_peers: [], trainer_state: null };
+// A time series breaks (no line drawn) where two samples lie more than this many typical intervals apart:
+// a pause, a stopped trainer, a host that slept. uPlot leaves a gap at a null value (spanGaps false).
+const GAP_FACTOR = 3;
+const status = { polls: 0, errors: [], points: {}, gaps: {}, gpu: "waiting", swarm_rows: 0, swarm_peers: [],
+  trainer_state: null };
 
 window.addEventListener("error", (e) => { status.errors.push(String(e.message || e)); writeStatus(); });
 window.addEventListener("unhandledrejection", (e) => { status.errors.push("unhandled: " + String(e.reason)); writeStatus(); });
@@ -61,7 +65,7 @@ const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"
 function makeChart(id, title, labels, yLabel, byStep) {
   const el = document.getElementById(id);
   const series = [{ label: byStep ? "step" : "time" }].concat(labels.map((label, i) => ({ label, stroke: COLORS[i],
-    width: 1.5, spanGaps: true, points: { show: false } })));
+    width: 1.5, spanGaps: false, points: { show: false } })));
   const opts = { title, width: 460, height: 220, series, scales: { x: { time: !byStep } },
     axes: [{ label: byStep ? "step" : "" }, { label: yLabel, size: 60 }], legend: { live: true } };
   return { plot: new uPlot(opts, [[]].concat(labels.map(() => [])), el), files: [] };
@@ -106,15 +110,53 @@ function appendColumns(file, columns) {
   }
 }
 
+// [xs, ys...] with a row of nulls inserted wherever consecutive xs lie more than GAP_FACTOR typical
+// (median) intervals apart, so that no line is drawn across the gap; returns [table, gaps inserted].
+function breakAtGaps(table) {
+  const xs = table[0];
+  if (xs.length < 3) return [table, 0];
+  const steps = xs.slice(1).map((x, i) => x - xs[i]).filter((d) => d > 0).sort((a, b) => a - b);
+  if (!steps.length) return [table, 0];
+  const typical = steps[steps.length >> 1];
+  const out = table.map(() => []);
+  let gaps = 0;
+  for (let i = 0; i < xs.length; i++) {
+    if (i > 0 && xs[i] - xs[i - 1] > GAP_FACTOR * typical) {
+      out[0].push(xs[i - 1] + typical);
+      for (let s = 1; s < table.length; s++) out[s].push(null);
+      gaps++;
+    }
+    for (let s = 0; s < table.length; s++) out[s].push(table[s][i]);
+  }
+  return [out, gaps];
+}
+
+// "no GPU" instead of an empty chart, once the system stats show that the trainer has none to measure.
+function showGpu() {
+  const cols = data.system;
+  const rows = (cols[X.system] || []).length;
+  const measured = ["gpu_util_percent", "gpu_mem_used_gb"].some((name) =>
+    (cols[name] || []).some((v) => v !== null && v !== undefined && !Number.isNaN(v)));
+  status.gpu = measured ? "drawn" : rows ? "none" : "waiting";
+  document.getElementById("gpu-none").hidden = status.gpu !== "none";
+}
+
 function redraw() {
   for (const [key, spec] of Object.entries(CHARTS)) {
     const tables = [];
     const files = [...new Set(spec.lines.map((l) => l[0]))];
+    status.gaps[key] = 0;
     for (const file of files) {
       const cols = data[file];
       const lines = spec.lines.filter((l) => l[0] === file);
       const xs = cols[X[file]] || [];
-      tables.push([xs].concat(lines.map((l) => cols[l[1]] || xs.map(() => null))));
+      let table = [xs].concat(lines.map((l) => cols[l[1]] || xs.map(() => null)));
+      if (X[file] === "timestamp") {  // steps have no pauses; time does
+        let gaps;
+        [table, gaps] = breakAtGaps(table);
+        status.gaps[key] += gaps;
+      }
+      tables.push(table);
     }
     const joined = tables.length === 1 ? tables[0] : uPlot.join(tables);
     // uPlot.join orders series by table; put them back in CHARTS order
@@ -126,6 +168,7 @@ function redraw() {
     charts[key].plot.setData(ordered);
     status.points[key] = ordered.slice(1).reduce((sum, s) => sum + s.filter((v) => v !== null && v !== undefined).length, 0);
   }
+  showGpu();
 }
 
 async function pollHistory() {
