@@ -15,7 +15,8 @@ def test_events_are_json_lines() -> None:
     try:
         events = EventWriter(write_fd)
         events.started(peer_id="Qm1", pid=42, maddrs=["/ip4/127.0.0.1/tcp/1"])
-        events.progress(step=3, epoch=1, loss=float("nan"), samples_per_s=10.5, lr=0.1, samples=96, shards_failed=2)
+        events.progress(step=3, epoch=1, loss=float("nan"), samples_per_s=10.5, lr=0.1, samples=96, shards_failed=2,
+                        swarm_peers=3)
         events.stopped(step=3, checkpoint_step=3)
         lines = os.read(read_fd, 65536).decode().splitlines()
     finally:
@@ -24,7 +25,7 @@ def test_events_are_json_lines() -> None:
     assert [json.loads(line) for line in lines] == [
         {"type": "started", "peer_id": "Qm1", "pid": 42, "maddrs": ["/ip4/127.0.0.1/tcp/1"]},
         {"type": "progress", "step": 3, "epoch": 1, "loss": None, "samples_per_s": 10.5, "lr": 0.1, "samples": 96,
-         "shards_failed": 2},
+         "shards_failed": 2, "swarm_peers": 3},
         {"type": "stopped", "step": 3, "checkpoint_step": 3},
     ]
 

@@ -132,7 +132,9 @@ def test_trains_checkpoints_stops_and_resumes(short_tmp: Path, demo_cache: Path,
     assert checkpoint["step"] == 5 and Path(checkpoint["path"]) == short_tmp / "w" / "checkpoints" / "latest.pt"
     # Global epochs advance: 64 samples a step of 8 samples each.
     progress = trainer.wait_for(lambda e: e["type"] == "progress" and e["epoch"] >= 1 and e["step"] > 10)
-    assert set(progress) == {"type", "step", "epoch", "loss", "samples_per_s", "lr", "samples", "shards_failed"}
+    assert set(progress) == {"type", "step", "epoch", "loss", "samples_per_s", "lr", "samples", "shards_failed",
+                             "swarm_peers"}
+    assert progress["swarm_peers"] == 1  # alone in its run
     assert progress["lr"] == pytest.approx(0.05) and progress["samples"] == 8 * progress["step"]
     steps = [e["step"] for e in trainer.events if e["type"] == "progress"]
     assert steps == sorted(steps) and len(set(steps)) >= 2
