@@ -284,6 +284,8 @@ def render_status(st: dict[str, Any]) -> str:
                 else ""
             lines.append(f"progress  step {t['step']}  global step {_fmt(t.get('epoch'), 'd')}{dataset}{loss}{sps}  "
                          f"checkpoint step {t.get('checkpoint_step')}")
+            if isinstance(t.get("swarm_peers"), int):
+                lines.append(f"swarm     averaging with {t['swarm_peers'] - 1} other peer(s)")
             if t.get("shards_failed"):
                 lines.append(f"data      {t['shards_failed']} shard(s) could not be read and were skipped (hmctl logs)")
         if t.get("last_error"):

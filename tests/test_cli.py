@@ -48,6 +48,9 @@ def test_status_rendering_shows_crashloop_errors() -> None:
     text = render_status(status)
     assert "crashloop" in text and "retry in 4m" in text and "no shards match" in text and "| OSError: x" in text
     assert "step 120  global step 3" in text
+    assert "averaging with" not in text  # the trainer said nothing about its swarm
+    status["trainer"]["swarm_peers"] = 3
+    assert "swarm     averaging with 2 other peer(s)" in render_status(status)
 
 
 def test_bad_pause_duration_is_refused_before_asking_the_daemon(tmp_path: Path) -> None:
