@@ -260,14 +260,17 @@ def _close(batches: Iterator[Batch]) -> None:
 def _leave_swarm(opt: hivemind.Optimizer | None, dht: hivemind.DHT) -> None:
     """Say goodbye to peers (so they stop counting on us) and stop the DHT; best effort."""
     started = time.monotonic()
+    took = []  # each part's share, so a slow leave says which part was slow
     for name, close in (("optimizer", opt.shutdown if opt is not None else None), ("DHT", dht.shutdown)):
         if close is None:
             continue
+        began = time.monotonic()
         try:
             close()
         except Exception as exc:  # the checkpoint is safe; a messy goodbye must not turn a stop into a crash
             log.warning("%s shutdown failed: %s", name, exc, exc_info=True)
-    log.info("left the swarm in %.1fs", time.monotonic() - started)
+        took.append(f"{name} {time.monotonic() - began:.1f}s")
+    log.info("left the swarm in %.1fs (%s)", time.monotonic() - started, ", ".join(took))
 
 
 def _restore_model(model: nn.Module, loaded: LoadedCheckpoint, launch: TrainerLaunch) -> None:
