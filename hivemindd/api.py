@@ -183,13 +183,15 @@ async def _read_body(request: web.Request) -> Any:
     raw = await _read_whole(request, MAX_BODY_BYTES, "request body")
     if not raw.strip():
         return None
+    too_deep_error = RequestError(f"request body nests lists and objects more than {MAX_NESTING} levels deep")
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        message = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
-        raise RequestError(f"request body is not valid JSON: {message}") from None
+    except RecursionError:  # valid JSON, only deeper than this thread's stack allows: the same refusal
+        raise too_deep_error from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(f"request body is not valid JSON: {str(exc)[:200]}") from None
     if too_deep(body):
-        raise RequestError(f"request body nests lists and objects more than {MAX_NESTING} levels deep")
+        raise too_deep_error
     return body
 
 

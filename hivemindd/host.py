@@ -61,6 +61,7 @@ log = structlog.get_logger(__name__)
 MAX_BOOTSTRAP_PEERS = 4  # other hosts a starting trainer bootstraps from, besides its own host's node
 MAX_PEER_MADDRS = 4
 DHT_WATCH_S = 5.0
+FIRST_ROUND_WAIT_S = 10.0  # how long start-up waits for the store's first answer before READY
 
 
 class StartupError(RuntimeError):
@@ -143,6 +144,10 @@ class Daemon:
             asyncio.create_task(swarm.run(), name="swarm-view"),
             asyncio.create_task(self._watch_dht(), name="dht-watch"),
         ]
+        # READY (and the first status) should say whether the store answered, not "starting": a slow
+        # store delays start-up by FIRST_ROUND_WAIT_S at most.
+        if not await self.agent.first_round(FIRST_ROUND_WAIT_S):
+            log.warning("discovery.first_round_slow", waited_s=FIRST_ROUND_WAIT_S)
         await self._serve_api()
         await self._serve_http()
         self._reconcile(user_action=False)

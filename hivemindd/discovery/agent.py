@@ -95,6 +95,7 @@ class DiscoveryAgent:
         self._last_ok: float | None = None
         self._dials: dict[str, _Dial] = {}
         self._dialing: set[asyncio.Task[None]] = set()  # batches of dials in flight
+        self._first_round = asyncio.Event()  # the first heartbeat ended, well or not: status means something
 
     # --- what the daemon asks -------------------------------------------------------------
 
@@ -126,6 +127,15 @@ class DiscoveryAgent:
         """Dial every peer again (this host's DHT node was restarted and knows nobody)."""
         self._dials = {}
         self._wake.set()
+
+    async def first_round(self, timeout_s: float) -> bool:
+        """Wait (bounded) until the first heartbeat has ended; False if it is still running."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._first_round.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def status(self) -> dict[str, Any]:
         state = "starting" if self._last_ok is None and self._error is None else "degraded" if self._error else "ok"
@@ -189,6 +199,7 @@ class DiscoveryAgent:
                     log.warning("discovery.degraded", error=str(exc), failures=self._failures)
                 self._error = str(exc)
                 delay = min(self.heartbeat_s, 2.0 ** min(self._failures, 6)) * random.uniform(0.8, 1.2)
+            self._first_round.set()
             self._wake.clear()
             await self._sleep(self._clock() + delay)
 
