@@ -66,8 +66,8 @@ def plain_loop(arch: str, batch: int, image_size: int, steps: int, warmup: int, 
 
 def trainer_rate(arch: str, batch: int, image_size: int, steps: int, warmup: int, target: int, cache: str,
                  env: dict[str, str]) -> tuple[list[float], Path]:
-    from hivemindd.launch import HostSettings, TrainerLaunch
-    from hivemindd.spec import RunSpec
+    from hivemindd.wire.launch import HostSettings, TrainerLaunch
+    from hivemindd.wire.spec import RunSpec
 
     work = Path(tempfile.mkdtemp(prefix="hmb-", dir="/tmp"))
     spec = RunSpec.from_dict({

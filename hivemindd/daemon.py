@@ -20,16 +20,11 @@ import click
 import structlog
 
 from hivemindd import __version__
-from hivemindd.config import ConfigError, DaemonConfig, build_config
-from hivemindd.host import Daemon, StartupError
-from hivemindd.logfile import (
-    HIVEMIND_LEVEL_VARIABLE,
-    DaemonLogRing,
-    add_iso_time,
-    hivemind_level,
-    route_hivemind_logs,
-)
-from hivemindd.notify import Notifier, ServiceHeartbeat, status_line
+from hivemindd.host.config import ConfigError, DaemonConfig, build_config
+from hivemindd.host.core import Daemon, StartupError
+from hivemindd.host.logfile import DaemonLogRing
+from hivemindd.service.notify import Notifier, ServiceHeartbeat, status_line
+from hivemindd.wire.logformat import HIVEMIND_LEVEL_VARIABLE, add_iso_time, hivemind_level, route_hivemind_logs
 
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -37,9 +32,9 @@ LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.W
 def configure_logging(fmt: str, level: str = "info") -> DaemonLogRing:
     """Log to stderr; returns the ring that also keeps the daemon's own lines, for the API.
 
-    Every line starts with an ISO 8601 UTC time in milliseconds (logfile.iso_time), the daemon's own
+    Every line starts with an ISO 8601 UTC time in milliseconds (wire/logformat.py), the daemon's own
     (structlog) and those of libraries (standard logging: hivemind here and in its DHT process, aiohttp)
-    alike. hivemind logs at WARNING unless ``level`` is debug (logfile.hivemind_level); the variable
+    alike. hivemind logs at WARNING unless ``level`` is debug (logformat.hivemind_level); the variable
     that says so is inherited by the trainers this daemon starts.
     """
     renderer: Any = structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(
@@ -61,7 +56,9 @@ def configure_logging(fmt: str, level: str = "info") -> DaemonLogRing:
     hivemind = hivemind_level(debug=level == "debug")
     os.environ[HIVEMIND_LEVEL_VARIABLE] = hivemind  # before hivemind is imported: it also sets p2pd's level
     with suppress(ImportError):
-        route_hivemind_logs(hivemind)
+        from hivemind.utils.logging import use_hivemind_log_handler
+
+        route_hivemind_logs(hivemind, use_hivemind_log_handler)
     return daemon_log
 
 
@@ -158,8 +155,8 @@ def main(ctx: click.Context, **flags: Any) -> None:
 
 
 def _register_subcommands() -> None:
-    from hivemindd.demo import demo
-    from hivemindd.service import service
+    from hivemindd.service.install import service
+    from hivemindd.tools.demo import demo
 
     main.add_command(demo)
     main.add_command(service)

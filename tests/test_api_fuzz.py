@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from hivemindd.protocol import MAX_BODY_BYTES, MAX_IMAGE_BYTES, MAX_NESTING, ROUTES
+from hivemindd.wire.protocol import MAX_BODY_BYTES, MAX_IMAGE_BYTES, MAX_NESTING, ROUTES
 from tests.e2e.conftest import DaemonProcess, check_schema
 
 pytestmark = pytest.mark.timeout(240)

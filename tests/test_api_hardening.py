@@ -25,10 +25,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from hivemindd.api import Grant, build_app, peer_guard
-from hivemindd.auth import Access, Authorizer
-from hivemindd.connections import ConnectionGate, unix_caller
-from hivemindd.protocol import MAX_BODY_BYTES, MAX_IMAGE_BYTES, RequestError
+from hivemindd.api.auth import Access, Authorizer
+from hivemindd.api.connections import ConnectionGate, unix_caller
+from hivemindd.api.routes import Grant, build_app, peer_guard
+from hivemindd.wire.protocol import MAX_BODY_BYTES, MAX_IMAGE_BYTES, RequestError
 from tests.e2e.conftest import TEST_SPEC, DaemonProcess, check_schema, wait_until
 from tests.test_auth import IS_ROOT, STRANGER, as_user
 

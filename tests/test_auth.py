@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from hivemindd.auth import (
+from hivemindd.api.auth import (
     Access,
     Authorizer,
     LoopbackSecrets,
@@ -33,9 +33,9 @@ from hivemindd.auth import (
     identity_check_available,
     peer_credentials,
 )
-from hivemindd.cli import Client
 from hivemindd.cli import main as cli_main
-from hivemindd.protocol import EX_NOPERM
+from hivemindd.hmctl.client import Client
+from hivemindd.wire.protocol import EX_NOPERM
 from tests.e2e.conftest import REPO, DaemonProcess, check_schema
 
 pytestmark = pytest.mark.timeout(180)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from hivemindd.cli import main, render_status, render_swarm
-from hivemindd.protocol import EX_UNAVAILABLE
+from hivemindd.cli import main
+from hivemindd.hmctl.render import render_status, render_swarm
+from hivemindd.wire.protocol import EX_UNAVAILABLE
 
 
 def test_unreachable_daemon_gives_one_line_and_exit_69(tmp_path: Path) -> None:

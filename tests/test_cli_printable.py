@@ -8,8 +8,9 @@ from typing import Any, ClassVar
 import pytest
 from click.testing import CliRunner
 
-from hivemindd import cli
-from hivemindd.cli import main, printable, render_prediction, render_status, render_swarm
+from hivemindd.hmctl import client, commands
+from hivemindd.cli import main
+from hivemindd.hmctl.render import printable, render_prediction, render_status, render_swarm
 
 HOSTILE = "evil\x1b[2J\x1b]0;pwned\x07\r\nINFO forged line\u202e"
 
@@ -65,7 +66,7 @@ def test_prediction_labels_are_inert() -> None:
     assert_inert(render_prediction(result))
 
 
-class FakeClient(cli.Client):
+class FakeClient(client.Client):
     answers: ClassVar[dict[str, Any]] = {}
 
     def call(self, name: str, body: dict[str, Any] | None = None, query: str = "") -> Any:
@@ -74,7 +75,7 @@ class FakeClient(cli.Client):
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> type[FakeClient]:
-    monkeypatch.setattr(cli, "Client", FakeClient)
+    monkeypatch.setattr(commands, "Client", FakeClient)
     return FakeClient
 
 
@@ -96,7 +97,7 @@ def test_hmctl_peers_and_logs_print_hostile_records_inert(fake: type[FakeClient]
 
 def test_an_error_message_from_the_daemon_is_inert(fake: type[FakeClient], tmp_path: Path) -> None:
     def refuse(self: FakeClient, name: str, body: dict[str, Any] | None = None, query: str = "") -> Any:
-        raise cli.ApiError(400, {"error": {"message": "spec: " + HOSTILE}})
+        raise client.ApiError(400, {"error": {"message": "spec: " + HOSTILE}})
 
     fake.call = refuse  # type: ignore[method-assign]
     result = CliRunner().invoke(main, ["--socket", str(tmp_path / "s.sock"), "status"])

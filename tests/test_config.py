@@ -5,8 +5,8 @@ from typing import Any
 
 import pytest
 
-from hivemindd.config import ConfigError, build_config, read_config_file
 from hivemindd.daemon import main
+from hivemindd.host.config import ConfigError, build_config, read_config_file
 
 
 def parse_flags(args: list[str]) -> dict[str, Any]:

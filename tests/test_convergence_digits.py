@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from hivemindd.launch import HostSettings, TrainerLaunch
-from hivemindd.spec import RunSpec
+from hivemindd.wire.launch import HostSettings, TrainerLaunch
+from hivemindd.wire.spec import RunSpec
 from tests.digits import DigitShards, pack_digits
 from tests.test_trainer_process import Event, Trainer
 

@@ -169,7 +169,7 @@ def test_metrics_on_the_listener_parse_as_prometheus(pair: Pair) -> None:
 
 # --- the page alone, against canned answers (no daemons): what it draws for given metrics -------------------
 
-STATIC = Path(__file__).resolve().parent.parent / "hivemindd" / "dashboard" / "static"
+STATIC = Path(__file__).resolve().parent.parent / "hivemindd" / "api" / "dashboard" / "static"
 
 
 def _system_rows(gpu: bool) -> dict[str, list[Any]]:

@@ -305,7 +305,7 @@ def test_shards_without_a_manifest_are_adopted_only_when_they_hold_this_packs_sa
 
 
 def test_an_interrupted_pack_resumes_from_its_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hivemindd.dataset_pack as dataset_pack
+    import hivemindd.tools.dataset_pack as dataset_pack
 
     _folders(tmp_path / "myimages", {"train": 6})
     src, dest = tmp_path / "myimages" / "train", tmp_path / "packed"

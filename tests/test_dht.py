@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from hivemindd.dht import MAX_DIAL_ADDRS, HostDHT, dial_addresses, peer_id_of_owner
-from hivemindd.swarm_view import ProgressRecord, SwarmView, swarm_key
+from hivemindd.host.dht import MAX_DIAL_ADDRS, HostDHT, dial_addresses, peer_id_of_owner
+from hivemindd.host.swarm_view import ProgressRecord, SwarmView, swarm_key
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 

@@ -32,8 +32,8 @@ PEER = textwrap.dedent("""
     import json, logging, os, sys, threading
     import torch
     from torch import nn
-    from hivemindd.launch import HostSettings, TrainerLaunch
-    from hivemindd.spec import RunSpec
+    from hivemindd.wire.launch import HostSettings, TrainerLaunch
+    from hivemindd.wire.spec import RunSpec
     from hivemindd.trainer import swarm
     from hivemindd.trainer.model import batchnorm_buffers
 

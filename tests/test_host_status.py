@@ -3,12 +3,12 @@
 from pathlib import Path
 from typing import Any
 
-from hivemindd.config import build_config
-from hivemindd.host import Daemon
-from hivemindd.launch import HostSettings
-from hivemindd.observer import Observer
-from hivemindd.spec import parse_toml
-from hivemindd.swarm_view import ProgressRecord, SwarmView
+from hivemindd.host.config import build_config
+from hivemindd.host.core import Daemon
+from hivemindd.host.observer import Observer
+from hivemindd.host.swarm_view import ProgressRecord, SwarmView
+from hivemindd.wire.launch import HostSettings
+from hivemindd.wire.spec import parse_toml
 
 
 class FakeAgent:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from hivemindd.logfile import TrainerLog
+from hivemindd.host.logfile import TrainerLog
 
 
 def test_tail_follow_and_rotation(tmp_path: Path) -> None:
@@ -30,7 +30,8 @@ def test_every_line_we_write_starts_with_one_timestamp_format(tmp_path: Path) ->
     import re
     import time
 
-    from hivemindd.logfile import IsoFormatter, iso_time, line_time
+    from hivemindd.host.logfile import line_time
+    from hivemindd.wire.logformat import IsoFormatter, iso_time
 
     assert iso_time(1738332300.1239) == "2025-01-31T14:05:00.123Z"  # UTC, milliseconds truncated
     log = TrainerLog(tmp_path / "trainer.log")

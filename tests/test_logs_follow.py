@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from hivemindd.cli import since_time
-from hivemindd.launch import HostSettings
-from hivemindd.logfile import DaemonLogRing, timed
-from hivemindd.protocol import LogQuery, RequestError
-from hivemindd.spec import parse_toml
-from hivemindd.state import DesiredState, StatePaths, save_state, write_atomic
+from hivemindd.hmctl.commands import since_time
+from hivemindd.host.logfile import DaemonLogRing, timed
+from hivemindd.host.state import DesiredState, StatePaths, save_state, write_atomic
+from hivemindd.wire.launch import HostSettings
+from hivemindd.wire.protocol import LogQuery, RequestError
+from hivemindd.wire.spec import parse_toml
 from tests.e2e.conftest import TEST_SPEC, DaemonProcess, wait_until
 
 
@@ -145,7 +145,7 @@ def test_hivemind_logs_at_warning_unless_debug_in_the_daemons_format() -> None:
 
 
 def test_log_level_is_checked_and_carried_in_the_config(tmp_path: Path) -> None:
-    from hivemindd.config import ConfigError, build_config
+    from hivemindd.host.config import ConfigError, build_config
 
     assert build_config({"state_dir": str(tmp_path), "log_level": "debug"}).log_level == "debug"
     assert build_config({"state_dir": str(tmp_path)}).log_level == "info"

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hivemindd.notify import Notifier, ServiceHeartbeat, status_line
+from hivemindd.service.notify import Notifier, ServiceHeartbeat, status_line
 from tests.e2e.conftest import TEST_SPEC, DaemonProcess, wait_until
 
 

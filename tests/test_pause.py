@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from hivemindd.cli import describe_pause
-from hivemindd.launch import HostSettings
-from hivemindd.protocol import PauseRequest, RequestError, format_duration, parse_duration
-from hivemindd.state import DesiredState, StateError, load_state, save_state, utc_iso
-from hivemindd.supervisor import PauseChange, Supervisor, TrainerState
+from hivemindd.hmctl.render import describe_pause
+from hivemindd.host.state import DesiredState, StateError, load_state, save_state, utc_iso
+from hivemindd.host.supervisor import PauseChange, Supervisor, TrainerState
+from hivemindd.wire.launch import HostSettings
+from hivemindd.wire.protocol import PauseRequest, RequestError, format_duration, parse_duration
 from tests.test_supervisor import FakeSpawner, launch, until, with_supervisor
 
 S = TrainerState

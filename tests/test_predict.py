@@ -23,15 +23,15 @@ import pytest
 import torch
 from PIL import Image
 
-from hivemindd.launch import HostSettings
-from hivemindd.observer import MAX_PREDICT_WAITING, Observer
-from hivemindd.predict import MAX_IMAGE_PIXELS, describe_class
-from hivemindd.predict import main as predict_main
-from hivemindd.protocol import RequestError
-from hivemindd.spec import parse_toml
-from hivemindd.state import DesiredState, StatePaths, save_state, write_atomic
+from hivemindd.host.observer import MAX_PREDICT_WAITING, Observer
+from hivemindd.host.state import DesiredState, StatePaths, save_state, write_atomic
+from hivemindd.tools.predict import MAX_IMAGE_PIXELS, describe_class
+from hivemindd.tools.predict import main as predict_main
 from hivemindd.trainer.checkpoint import BEST, keep_as, save_checkpoint
 from hivemindd.trainer.model import build_model
+from hivemindd.wire.launch import HostSettings
+from hivemindd.wire.protocol import RequestError
+from hivemindd.wire.spec import parse_toml
 from tests.e2e.conftest import TEST_SPEC, DaemonProcess
 
 CLASSES = [f"n0000000{i} shape number {i}" for i in range(9)] + ["plain-name"]
@@ -278,7 +278,7 @@ def test_the_demo_runs_classes_have_names(tmp_path: Path) -> None:
     write_checkpoint(run_dir / "checkpoints", arch=spec.model.arch, num_classes=spec.model.num_classes)
     image = tmp_path / "red.png"
     png(image)
-    done = subprocess.run([sys.executable, "-m", "hivemindd.predict", "--run-dir", str(run_dir), "--checkpoint",
+    done = subprocess.run([sys.executable, "-m", "hivemindd.tools.predict", "--run-dir", str(run_dir), "--checkpoint",
                            "latest", "--top", "10", str(image)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     top = json.loads(done.stdout)["results"][0]["top"]

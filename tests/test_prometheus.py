@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from hivemindd.metrics_export import render
+from hivemindd.api.metrics_export import render
 
 
 def samples(text: bytes) -> dict[tuple[str, str], float]:

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hivemindd.protocol import ROUTES, JoinRequest, RequestError, parse_empty, parse_log_query
+from hivemindd.wire.protocol import ROUTES, JoinRequest, RequestError, parse_empty, parse_log_query
 
-OPENAPI = yaml.safe_load((Path(__file__).resolve().parents[1] / "hivemindd" / "openapi.yaml").read_text())
+OPENAPI = yaml.safe_load((Path(__file__).resolve().parents[1] / "hivemindd" / "wire" / "openapi.yaml").read_text())
 
 
 @pytest.mark.parametrize("name", sorted(ROUTES))

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from hivemindd.config import ConfigError as DaemonConfigError
-from hivemindd.config import build_config
-from hivemindd.launch import HostSettings, TrainerLaunch
-from hivemindd.spec import parse_toml
+from hivemindd.host.config import ConfigError as DaemonConfigError
+from hivemindd.host.config import build_config
 from hivemindd.trainer import data, folder_tree, read_policy
 from hivemindd.trainer.errors import ConfigError
 from hivemindd.trainer.read_policy import ReadPolicy, ReadRefused, refused_address
+from hivemindd.wire.launch import HostSettings, TrainerLaunch
+from hivemindd.wire.spec import parse_toml
 from tests.test_data import make_shard
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import hivemindd
-from hivemindd.spec import parse_toml
 from hivemindd.trainer.model import build_model
+from hivemindd.wire.spec import parse_toml
 
 EXAMPLES = sorted((Path(hivemindd.__file__).parent / "examples").glob("*.toml"))
 

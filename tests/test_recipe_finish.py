@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hivemindd.supervisor import Supervisor
-from hivemindd.supervisor import TrainerState as S
+from hivemindd.host.supervisor import Supervisor
+from hivemindd.host.supervisor import TrainerState as S
 from tests.test_supervisor import FakeSpawner, launch, until, with_supervisor
 
 

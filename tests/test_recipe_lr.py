@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import torch
 
-from hivemindd.launch import TrainerLaunch
-from hivemindd.spec import RunSpec
 from hivemindd.trainer.schedule import LrSchedule
+from hivemindd.wire.launch import TrainerLaunch
+from hivemindd.wire.spec import RunSpec
 from tests.test_trainer_process import Event, Trainer, make_launch
 
 LR, GAMMA = 0.05, 0.1

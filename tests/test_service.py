@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from hivemindd.daemon import main
-from hivemindd.service import spec_for_this_machine
-from hivemindd.units import MARKER, PACKAGED_COMMAND, render, shipped_files
+from hivemindd.service.install import spec_for_this_machine
+from hivemindd.service.units import MARKER, PACKAGED_COMMAND, render, shipped_files
 from tests.e2e.conftest import REPO
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hivemindd.spec import (
+from hivemindd.wire.spec import (
     MAX_SPEC_BYTES,
     AveragingSpec,
     CheckpointSpec,
@@ -203,7 +203,7 @@ def test_a_spec_without_data_says_the_key_is_required() -> None:
 
 def test_the_committed_spec_reference_is_generated_from_the_spec() -> None:
     committed = (Path(__file__).resolve().parents[1] / "docs" / "spec.md").read_text()
-    assert committed == reference_markdown(), "docs/spec.md is stale: python -m hivemindd.spec > docs/spec.md"
+    assert committed == reference_markdown(), "docs/spec.md is stale: python -m hivemindd.wire.spec > docs/spec.md"
 
 
 def test_the_reference_names_every_key_with_its_default_and_unit() -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from hivemindd.launch import HostSettings
-from hivemindd.protocol import check_run_id
-from hivemindd.state import DesiredState, StateError, load_state, save_state, write_atomic
+from hivemindd.host.state import DesiredState, StateError, load_state, save_state, write_atomic
+from hivemindd.wire.launch import HostSettings
+from hivemindd.wire.protocol import check_run_id
 
 
 def test_round_trip_and_mode(tmp_path: Path) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from hivemindd.config import build_config
-from hivemindd.host import Daemon, StartupError
-from hivemindd.state import StatePaths
+from hivemindd.host.config import build_config
+from hivemindd.host.core import Daemon, StartupError
+from hivemindd.host.state import StatePaths
 
 
 def mode(path: Path) -> int:

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from hivemindd.launch import HostSettings, TrainerLaunch
-from hivemindd.logfile import TrainerLog
-from hivemindd.spec import RunSpec
-from hivemindd.supervisor import RestartPolicy, RestartTracker, Supervisor, TrainerState
+from hivemindd.host.logfile import TrainerLog
+from hivemindd.host.supervisor import RestartPolicy, RestartTracker, Supervisor, TrainerState
+from hivemindd.wire.launch import HostSettings, TrainerLaunch
+from hivemindd.wire.spec import RunSpec
 
 S = TrainerState
 

@@ -23,8 +23,8 @@ LONE_PEER = textwrap.dedent("""
     import json, sys, time
     import torch
     from torch import nn
-    from hivemindd.launch import HostSettings, TrainerLaunch
-    from hivemindd.spec import RunSpec
+    from hivemindd.wire.launch import HostSettings, TrainerLaunch
+    from hivemindd.wire.spec import RunSpec
     from hivemindd.trainer import swarm
     from hivemindd.trainer.model import batchnorm_buffers
 

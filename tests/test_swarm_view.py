@@ -10,9 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from hivemindd.cli import render_swarm
-from hivemindd.dht import HostDHT
-from hivemindd.swarm_view import ProgressRecord, RunFacts, SwarmView, activity, swarm_key, totals
+from hivemindd.hmctl.render import render_swarm
+from hivemindd.host.dht import HostDHT
+from hivemindd.host.swarm_view import ProgressRecord, SwarmView, activity, swarm_key, totals
+from hivemindd.wire.spec import RunSpec
+
+
+def spec(target_batch_size: int, train_samples: int, milestones: list[float]) -> RunSpec:
+    return RunSpec.from_dict({"data": {"train": "/data/train-{0..3}.tar", "train_samples": train_samples},
+                              "optimizer": {"target_batch_size": target_batch_size, "milestones": milestones}})
 
 
 def record(peer: str, state: str = "running", step: int | None = 10, epoch: int = 4, rate: float = 50.0,
@@ -28,7 +34,7 @@ def test_activity_words() -> None:
 
 
 def test_totals_sum_training_peers_and_estimate_the_last_milestone() -> None:
-    facts = RunFacts(target_batch_size=100, train_samples=1000, milestones=(3.0, 6.0))
+    facts = spec(target_batch_size=100, train_samples=1000, milestones=[3.0, 6.0])
     got = totals([record("a", epoch=20, rate=40.0, top1=0.3), record("b", epoch=19, rate=60.0, top1=0.4),
                   record("c", state="paused", rate=99.0)], facts)
     assert got["peers"] == 3 and got["training"] == 2 and got["samples_per_s"] == 100.0
@@ -82,7 +88,7 @@ def test_each_node_sees_both_records_through_the_dht(two_nodes: tuple[HostDHT, H
     view_a, _ = asyncio.run(scenario())
     assert {r.peer_id for r in view_a.records()} == {a.peer_id, b.peer_id}
     assert view_a.activity_of(b.peer_id) == "paused" and view_a.error is None
-    snapshot = view_a.snapshot("demo", None, RunFacts(64, 2000, (30.0,)))
+    snapshot = view_a.snapshot("demo", None, spec(64, 2000, [30.0]))
     assert snapshot["totals"]["training"] == 1 and snapshot["totals"]["peers"] == 2
     shown = render_swarm(snapshot)
     assert "1 of 2 peer(s) training" in shown and "paused" in shown and "host-" in shown

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from hivemindd.launch import HostSettings, TrainerLaunch
-from hivemindd.spec import RunSpec
+from hivemindd.wire.launch import HostSettings, TrainerLaunch
+from hivemindd.wire.spec import RunSpec
 
 Event = dict[str, Any]
 

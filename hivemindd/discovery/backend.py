@@ -72,16 +72,3 @@ class TruncationLog:
         elif prefix not in self._cut:
             self._cut.add(prefix)
             log.warning("discovery.listing_truncated", url=self.url, prefix=prefix, reason=why)
-
-
-def open_backend(url: str) -> DiscoveryBackend:
-    """The backend for a discovery URL; a DiscoveryError names a scheme we do not know."""
-    if url.startswith("file://"):
-        from hivemindd.discovery.file import FileBackend
-
-        return FileBackend(url)
-    if url.startswith("gs://"):
-        from hivemindd.discovery.gcs import GcsBackend
-
-        return GcsBackend(url)
-    raise DiscoveryError(f"{url}: unknown discovery URL (expected file:///path or gs://bucket/prefix)")

@@ -19,12 +19,12 @@ import traceback
 from pathlib import Path
 from types import FrameType
 
-from hivemindd.launch import TrainerLaunch
-from hivemindd.logfile import HIVEMIND_LEVEL_VARIABLE, IsoFormatter, hivemind_level, route_hivemind_logs
-from hivemindd.spec import SpecError
 from hivemindd.trainer import read_policy
 from hivemindd.trainer.errors import ConfigError
 from hivemindd.trainer.events import EventWriter
+from hivemindd.wire.launch import TrainerLaunch
+from hivemindd.wire.logformat import HIVEMIND_LEVEL_VARIABLE, IsoFormatter, hivemind_level, route_hivemind_logs
+from hivemindd.wire.spec import SpecError
 
 EXIT_OK = 0
 EXIT_CRASH = 1
@@ -100,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         launch = read_launch(args.launch)
         read_policy.install(read_policy.for_launch(launch))  # before anything the spec names is opened
         # Imported late: torch and hivemind take seconds, and a bad launch file should fail fast.
+        from hivemind.utils.logging import use_hivemind_log_handler
+
         from hivemindd.trainer.loop import run
 
-        route_hivemind_logs(os.environ[HIVEMIND_LEVEL_VARIABLE])
+        route_hivemind_logs(os.environ[HIVEMIND_LEVEL_VARIABLE], use_hivemind_log_handler)
         run(launch, events, stop)
         return EXIT_OK
     except ConfigError as exc:

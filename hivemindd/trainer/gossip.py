@@ -56,10 +56,10 @@ from hivemind.averaging.control import StepControl
 from hivemind.utils import ValueWithExpiration
 from torch import nn
 
-from hivemindd.launch import TrainerLaunch
-from hivemindd.spec import RunSpec
 from hivemindd.trainer.errors import ConfigError
 from hivemindd.trainer.schedule import LrSchedule
+from hivemindd.wire.launch import TrainerLaunch
+from hivemindd.wire.spec import RunSpec
 
 log = logging.getLogger(__name__)
 

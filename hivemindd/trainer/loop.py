@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hivemindd.launch import TrainerLaunch
 from hivemindd.trainer import swarm
 from hivemindd.trainer.checkpoint import BEST, FINAL, LoadedCheckpoint, keep_as, load_latest, save_checkpoint
 from hivemindd.trainer.data import Batch, ShardTally, check_location, load_classes, resolve_shards, train_batches
@@ -48,6 +47,7 @@ from hivemindd.trainer.model import (
 from hivemindd.trainer.schedule import LrSchedule
 from hivemindd.trainer.transforms import DeviceNormalizer
 from hivemindd.trainer.validation import Validator
+from hivemindd.wire.launch import TrainerLaunch
 
 log = logging.getLogger(__name__)
 

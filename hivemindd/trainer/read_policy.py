@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from hivemindd.launch import TrainerLaunch
 from hivemindd.trainer.errors import ConfigError
+from hivemindd.wire.launch import TrainerLaunch
 
 SYSTEM_DIRS = ("/proc", "/sys", "/dev")
 # Metadata services that are not link-local: AWS's IPv6 endpoint, Alibaba Cloud's.

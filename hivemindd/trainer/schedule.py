@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hivemindd.spec import RunSpec
+from hivemindd.wire.spec import RunSpec
 
 LINEAR_SCALING_BATCH = 256  # Goyal et al.: lr = base × batch / 256
 

@@ -17,9 +17,9 @@ import torch
 from hivemind.optim.grad_averager import GradientAverager
 from torch import nn
 
-from hivemindd.launch import TrainerLaunch
 from hivemindd.trainer import gossip
 from hivemindd.trainer.schedule import LrSchedule
+from hivemindd.wire.launch import TrainerLaunch
 
 log = logging.getLogger(__name__)
 

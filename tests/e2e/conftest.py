@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
-from hivemindd.cli import ApiError, Client
+from hivemindd.hmctl.client import ApiError, Client
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -144,10 +144,10 @@ def no_process_left(root: Path) -> list[str]:
 
 
 def api_schema(name: str) -> dict[str, Any]:
-    """A component schema of hivemindd/openapi.yaml, resolvable by jsonschema."""
+    """A component schema of hivemindd/wire/openapi.yaml, resolvable by jsonschema."""
     import yaml
 
-    doc = yaml.safe_load((REPO / "hivemindd" / "openapi.yaml").read_text())
+    doc = yaml.safe_load((REPO / "hivemindd" / "wire" / "openapi.yaml").read_text())
     return {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from hivemindd.launch import HostSettings
-from hivemindd.spec import parse_toml
-from hivemindd.state import DesiredState, StatePaths, parse_utc_iso, save_state, utc_iso, write_atomic
+from hivemindd.host.state import DesiredState, StatePaths, parse_utc_iso, save_state, utc_iso, write_atomic
+from hivemindd.wire.launch import HostSettings
+from hivemindd.wire.spec import parse_toml
 from tests.e2e.conftest import TEST_SPEC, DaemonProcess, check_schema, wait_until
 
 pytestmark = pytest.mark.timeout(600)

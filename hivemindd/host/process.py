@@ -18,8 +18,8 @@ from typing import Any, Protocol
 import psutil
 import structlog
 
-from hivemindd.launch import TrainerLaunch
-from hivemindd.state import write_atomic
+from hivemindd.host.state import write_atomic
+from hivemindd.wire.launch import TrainerLaunch
 
 log = structlog.get_logger(__name__)
 

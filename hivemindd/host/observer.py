@@ -19,12 +19,12 @@ from typing import Any
 import structlog
 
 from hivemindd import __version__
-from hivemindd.dashboard.history import HistoryCache, RunHistory
-from hivemindd.logfile import DaemonLogRing, LogLine, TrainerLog, timed
-from hivemindd.protocol import HistoryQuery, LogQuery, RequestError
-from hivemindd.spec import SpecError, parse_json
-from hivemindd.state import StatePaths
-from hivemindd.swarm_view import ProgressRecord, RunFacts, SwarmView
+from hivemindd.api.dashboard.history import HistoryCache, RunHistory
+from hivemindd.host.logfile import DaemonLogRing, LogLine, TrainerLog, timed
+from hivemindd.host.state import StatePaths
+from hivemindd.host.swarm_view import ProgressRecord, SwarmView
+from hivemindd.wire.protocol import HistoryQuery, LogQuery, RequestError
+from hivemindd.wire.spec import RunSpec, SpecError, parse_json
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +47,7 @@ class Observer:
         self.swarm = swarm
         self.daemon_log = daemon_log
         self._history = HistoryCache()
-        self._facts: tuple[str, float, RunFacts | None] | None = None
+        self._spec: tuple[str, float, RunSpec | None] | None = None
         self._predicting = asyncio.Semaphore(1)  # one model in memory at a time is plenty for a daemon
         self._predict_waiting = 0  # requests holding an upload until the semaphore is theirs (or running)
 
@@ -78,28 +78,26 @@ class Observer:
         )
         return run_id, record
 
-    def facts(self, run_id: str) -> RunFacts | None:
-        """The run spec's numbers the totals need, re-read when spec.json changes."""
+    def spec(self, run_id: str) -> RunSpec | None:
+        """The run's spec as this host saved it, re-read when spec.json changes; None if unreadable."""
         path = self.paths.run_spec(run_id)
         try:
             mtime = path.stat().st_mtime
         except OSError:
             return None
-        if self._facts is None or self._facts[:2] != (run_id, mtime):
+        if self._spec is None or self._spec[:2] != (run_id, mtime):
             try:
-                spec = parse_json(path.read_bytes(), source=str(path))
-                facts: RunFacts | None = RunFacts(spec.optimizer.target_batch_size, spec.data.train_samples,
-                                                  tuple(spec.optimizer.milestones), spec.run.max_epochs)
+                spec: RunSpec | None = parse_json(path.read_bytes(), source=str(path))
             except (OSError, SpecError):
-                facts = None
-            self._facts = (run_id, mtime, facts)
-        return self._facts[2]
+                spec = None
+            self._spec = (run_id, mtime, spec)
+        return self._spec[2]
 
     # --- API answers -----------------------------------------------------------------------
 
     def swarm_view(self) -> dict[str, Any]:
         run_id, own = self.own_record()
-        return self.swarm.snapshot(run_id, own if run_id else None, self.facts(run_id) if run_id else None)
+        return self.swarm.snapshot(run_id, own if run_id else None, self.spec(run_id) if run_id else None)
 
     def history(self, query: HistoryQuery) -> dict[str, Any]:
         current, _ = self._describe()
@@ -158,7 +156,7 @@ class Observer:
         return answer
 
     async def predict(self, image: bytes, checkpoint: str, top: int) -> dict[str, Any]:
-        """Run ``python -m hivemindd.predict`` on one uploaded image; RequestError naming what is wrong."""
+        """Run ``python -m hivemindd.tools.predict`` on one uploaded image; RequestError naming what is wrong."""
         run_id, _ = self._describe()
         if run_id is None:
             raise RequestError("this host is not in a run: there is no checkpoint to predict with", status=409,
@@ -185,7 +183,7 @@ class Observer:
 
     async def _run_predict(self, run_id: str, image: Path, checkpoint: str, top: int) -> dict[str, Any]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hivemindd.predict", "--run-dir", str(self.paths.run_dir(run_id)),
+            sys.executable, "-m", "hivemindd.tools.predict", "--run-dir", str(self.paths.run_dir(run_id)),
             "--checkpoint", checkpoint, "--top", str(top), str(image),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2")),

@@ -12,65 +12,24 @@ the same handlers by ``route_hivemind_logs``).
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, NamedTuple
+
+from hivemindd.wire.logformat import iso_time
 
 # Leading timestamps of log lines: ours ("2025-01-31T14:05:00.123Z"), and in logs written by older versions the
 # trainer's logging asctime ("2025-01-31 14:05:00,123") and the daemon's notes ("[hivemindd 2025-01-31 14:05:00]").
 _LINE_TIME = re.compile(r"^(?:\[hivemindd )?(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d)(?:[.,](\d+))?(Z)?")
 _HIVEMIND_TIME = re.compile(r"^([A-Z][a-z]{2} +\d{1,2} \d\d:\d\d:\d\d)(?:\.(\d+))? ")  # "Nov 21 19:51:14.423 [INFO]"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-HIVEMIND_LEVEL_VARIABLE = "HIVEMIND_LOGLEVEL"  # read by hivemind when imported, and inherited by the trainer
-
-
-def iso_time(moment: float | None = None) -> str:
-    """``moment`` (unix time; default now) as every log line of hivemindd starts: ``2025-01-31T14:05:00.123Z``."""
-    moment = time.time() if moment is None else moment
-    millis = int(moment * 1000) % 1000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moment)) + f".{millis:03d}Z"
-
-
-class IsoFormatter(logging.Formatter):
-    """A logging formatter whose ``%(asctime)s`` is ``iso_time``'s."""
-
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return iso_time(record.created)
-
-
-def add_iso_time(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """A structlog processor: the ``timestamp`` key, as ``iso_time`` writes it."""
-    event_dict["timestamp"] = iso_time()
-    return event_dict
-
-
-def hivemind_level(debug: bool = False) -> str:
-    """The level hivemind logs at: DEBUG with ``--log-level debug``; else $HIVEMIND_LOGLEVEL if the owner set it;
-    else WARNING (its INFO lines, several a second while training, drown everything else)."""
-    return "DEBUG" if debug else os.environ.get(HIVEMIND_LEVEL_VARIABLE) or "WARNING"
-
-
-def route_hivemind_logs(level: str) -> None:
-    """hivemind's loggers at ``level``, through this process's root handlers (so its lines look like ours).
-
-    hivemind installs its own handler (a yearless "Nov 21 19:51:14.423 [INFO]" stamp) on the ``hivemind``
-    logger; "nowhere" takes it off and lets the records propagate to the root logger instead.
-    """
-    from hivemind.utils.logging import use_hivemind_log_handler
-
-    use_hivemind_log_handler("nowhere")
-    logging.getLogger("hivemind").setLevel(level)
-    logging.addLevelName(logging.WARNING, "WARNING")  # hivemind renames it "WARN" for its own format
 
 
 class LogLine(NamedTuple):

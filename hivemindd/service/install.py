@@ -24,10 +24,9 @@ from typing import Any
 
 import click
 
-from hivemindd.config import ConfigError, DaemonConfig, build_config, default_state_dir
-from hivemindd.protocol import EX_FAILURE, EX_NOPERM
-from hivemindd.state import write_atomic
-from hivemindd.units import (
+from hivemindd.host.config import ConfigError, DaemonConfig, build_config, default_state_dir
+from hivemindd.host.state import write_atomic
+from hivemindd.service.units import (
     AGENT_LABEL,
     DAEMON_LABEL,
     LINUX_SOCKET,
@@ -41,6 +40,7 @@ from hivemindd.units import (
     render,
     shipped_files,
 )
+from hivemindd.wire.protocol import EX_FAILURE, EX_NOPERM
 
 
 class ServiceError(click.ClickException):
@@ -290,11 +290,7 @@ def uninstall(user_scope: bool, directory: Path | None, manager: str) -> None:
         click.echo(f"  {step}")
 
 
-def _write_shipped(root: Path) -> None:
+def write_shipped(root: Path) -> None:
     for rel, content in shipped_files().items():
         write_atomic(root / rel, content, mode=0o644)
         print(f"wrote {rel}")
-
-
-if __name__ == "__main__":  # python -m hivemindd.service: refresh systemd/ and launchd/ in the source tree
-    _write_shipped(Path(__file__).resolve().parents[1])

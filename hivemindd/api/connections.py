@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from hivemindd.auth import peer_credentials
+from hivemindd.api.auth import peer_credentials
 
 log = structlog.get_logger(__name__)
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import click
 
-from hivemindd.cli import ApiError, Client
-from hivemindd.protocol import JoinRequest
+from hivemindd.hmctl.client import ApiError, Client
+from hivemindd.wire.protocol import JoinRequest
 
 RUN_ID = "demo"
 

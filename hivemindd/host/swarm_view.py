@@ -24,6 +24,8 @@ from typing import Any
 
 import structlog
 
+from hivemindd.wire.spec import RunSpec
+
 log = structlog.get_logger(__name__)
 
 RECORD_VERSION = 1
@@ -129,17 +131,7 @@ class ProgressRecord:
         return view
 
 
-@dataclass(frozen=True)
-class RunFacts:
-    """What the totals need from the run spec."""
-
-    target_batch_size: int
-    train_samples: int
-    milestones: tuple[float, ...]  # dataset epochs
-    max_epochs: float = 0.0
-
-
-def totals(records: list[ProgressRecord], facts: RunFacts | None) -> dict[str, Any]:
+def totals(records: list[ProgressRecord], spec: RunSpec | None) -> dict[str, Any]:
     """Swarm samples/s, global step, dataset epochs done, ETA to the last milestone, best val top-1.
 
     ``global_epoch`` is the global step (hivemind's epoch: one optimizer step of the whole swarm,
@@ -161,14 +153,14 @@ def totals(records: list[ProgressRecord], facts: RunFacts | None) -> dict[str, A
         "eta_s": None,
         "best_val_top1": max(best_values) if best_values else None,
     }
-    if facts is None or global_epoch is None:
+    if spec is None or global_epoch is None:
         return out
-    samples = global_epoch * facts.target_batch_size
-    done = samples / facts.train_samples
-    goal = max(facts.milestones) if facts.milestones else None
-    out.update(global_samples=samples, dataset_epochs=round(done, 4), last_milestone=goal)
+    done = spec.dataset_epochs(global_epoch)
+    goal = max(spec.optimizer.milestones) if spec.optimizer.milestones else None
+    out.update(global_samples=global_epoch * spec.optimizer.target_batch_size, dataset_epochs=round(done, 4),
+               last_milestone=goal)
     if goal is not None and rate > 0:
-        out["eta_s"] = round(max(0.0, goal - done) * facts.train_samples / rate, 1)
+        out["eta_s"] = round(max(0.0, goal - done) * spec.data.train_samples / rate, 1)
     return out
 
 
@@ -256,7 +248,7 @@ class SwarmView:
             by_peer[own.peer_id] = own
         return sorted(by_peer.values(), key=lambda r: (r.hostname, r.peer_id))
 
-    def snapshot(self, run_id: str | None, own: ProgressRecord | None, facts: RunFacts | None) -> dict[str, Any]:
+    def snapshot(self, run_id: str | None, own: ProgressRecord | None, spec: RunSpec | None) -> dict[str, Any]:
         now = self._clock()
         records = self.records(own) if run_id is not None else []
         return {
@@ -264,7 +256,7 @@ class SwarmView:
             "read_age_s": None if self._read_at is None else round(now - self._read_at, 1),
             "error": self.error,
             "peers": [r.to_view(now) for r in records],
-            "totals": totals(records, facts),
+            "totals": totals(records, spec),
         }
 
     def activity_of(self, peer_id: str) -> str | None:

@@ -24,10 +24,8 @@ import structlog
 from aiohttp import web
 
 from hivemindd import __version__
-from hivemindd.api import build_app, peer_guard, token_guard
-from hivemindd.auth import Authorizer, LoopbackSecrets, identity_check_available
-from hivemindd.config import DaemonConfig
-from hivemindd.connections import (
+from hivemindd.api.auth import Authorizer, LoopbackSecrets, identity_check_available
+from hivemindd.api.connections import (
     IDLE_TIMEOUT_S,
     MAX_CONNECTIONS_PER_UID,
     MAX_TCP_CONNECTIONS,
@@ -35,16 +33,15 @@ from hivemindd.connections import (
     no_caller,
     unix_caller,
 )
-from hivemindd.dht import HostDHT, end_stale_dht
+from hivemindd.api.routes import build_app, peer_guard, token_guard
 from hivemindd.discovery import DiscoveryError, PeerRecord, open_backend
 from hivemindd.discovery.agent import DiscoveryAgent
-from hivemindd.launch import HostSettings, TrainerLaunch, check_device
-from hivemindd.logfile import DaemonLogRing, TrainerLog
-from hivemindd.observer import Observer
-from hivemindd.process import PidFile, ProcessSpawner
-from hivemindd.protocol import HistoryQuery, JoinRequest, LogQuery, PauseRequest, RequestError
-from hivemindd.spec import RunSpec, SpecError, parse_json, parse_toml
-from hivemindd.state import (
+from hivemindd.host.config import DaemonConfig
+from hivemindd.host.dht import HostDHT, end_stale_dht
+from hivemindd.host.logfile import DaemonLogRing, TrainerLog
+from hivemindd.host.observer import Observer
+from hivemindd.host.process import PidFile, ProcessSpawner
+from hivemindd.host.state import (
     DesiredState,
     StateError,
     StatePaths,
@@ -53,8 +50,11 @@ from hivemindd.state import (
     save_state,
     write_atomic,
 )
-from hivemindd.supervisor import PauseChange, RestartPolicy, Supervisor
-from hivemindd.swarm_view import TRAINING, SwarmView, activity
+from hivemindd.host.supervisor import PauseChange, RestartPolicy, Supervisor
+from hivemindd.host.swarm_view import TRAINING, SwarmView, activity
+from hivemindd.wire.launch import HostSettings, TrainerLaunch, check_device
+from hivemindd.wire.protocol import HistoryQuery, JoinRequest, LogQuery, PauseRequest, RequestError
+from hivemindd.wire.spec import RunSpec, SpecError, parse_json, parse_toml
 
 log = structlog.get_logger(__name__)
 
@@ -337,10 +337,8 @@ class Daemon:
         """Passes over the training set that ``global_step`` swarm-wide optimizer steps make (milestones count these)."""
         if self.desired.run_id is None or not isinstance(global_step, int) or isinstance(global_step, bool):
             return None
-        facts = self._observer().facts(self.desired.run_id)
-        if facts is None or facts.train_samples <= 0:
-            return None
-        return round(global_step * facts.target_batch_size / facts.train_samples, 2)
+        spec = self._observer().spec(self.desired.run_id)
+        return None if spec is None else round(spec.dataset_epochs(global_step), 2)
 
     def peers(self) -> list[dict[str, Any]]:
         """Discovery's fresh peers, each with what it is doing (from its DHT progress record when it has one)."""

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hivemindd.launch import HostSettings
-from hivemindd.protocol import check_run_id
+from hivemindd.wire.launch import HostSettings
+from hivemindd.wire.protocol import check_run_id
 
 STATE_VERSION = 1
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hivemindd.spec import RunSpec
+from hivemindd.wire.spec import RunSpec
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from hivemindd.auth import LoopbackSecrets
-from hivemindd.protocol import RequestError
+from hivemindd.api.auth import LoopbackSecrets
+from hivemindd.wire.protocol import RequestError
 
 STATIC = Path(__file__).with_name("static")
 COOKIE = "hivemindd_session"  # a session id, never the token (an old "hivemindd_token" cookie is ignored)

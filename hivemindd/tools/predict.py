@@ -1,4 +1,4 @@
-"""``python -m hivemindd.predict``: classify images with a run's checkpoint; one JSON document on stdout.
+"""``python -m hivemindd.tools.predict``: classify images with a run's checkpoint; one JSON document on stdout.
 
 Runs as a subprocess of hmctl (which must not import torch) and of the daemon
 (``POST /v1/predict``, which must not train or infer in its own process). The model
@@ -61,7 +61,7 @@ def resolve_checkpoint(choice: str, run_dir: Path) -> Path:
 
 
 def load_spec(run_dir: Path) -> Any:
-    from hivemindd.spec import SpecError, parse_json
+    from hivemindd.wire.spec import SpecError, parse_json
 
     path = run_dir / "spec.json"
     try:
@@ -75,9 +75,9 @@ def load_spec(run_dir: Path) -> Any:
 def read_policy_for(run_dir: Path) -> Any:
     """What the run's spec may make this process read: the policy the daemon gave the run's trainer (its
     launch.json), else the default one with the state directory above ``run_dir`` refused."""
-    from hivemindd.launch import TrainerLaunch
-    from hivemindd.spec import SpecError
     from hivemindd.trainer.read_policy import ReadPolicy, for_launch
+    from hivemindd.wire.launch import TrainerLaunch
+    from hivemindd.wire.spec import SpecError
 
     try:
         return for_launch(TrainerLaunch.from_json((run_dir / "launch.json").read_text()))
@@ -154,7 +154,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hivemindd.predict", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hivemindd.tools.predict", description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--run-dir", type=Path, required=True, help="<state-dir>/runs/<run_id>")
     parser.add_argument("--checkpoint", default="best", help="best, latest, final or a path. [best]")

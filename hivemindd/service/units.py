@@ -11,7 +11,7 @@ import plistlib
 from dataclasses import dataclass
 from typing import Any
 
-from hivemindd.config import DaemonConfig
+from hivemindd.host.config import DaemonConfig
 
 MARKER = "Written by `hivemindd service install`"  # uninstall removes only files that carry it
 SHIPPED = "Shipped with hivemindd for packaged installs"

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import structlog
 from aiohttp import web
 
-from hivemindd.auth import (
+from hivemindd.api.auth import (
     Access,
     Authorizer,
     LoopbackSecrets,
@@ -31,9 +31,9 @@ from hivemindd.auth import (
     identity_check_available,
     peer_credentials,
 )
-from hivemindd.connections import ConnectionGate
-from hivemindd.dashboard import pages
-from hivemindd.protocol import (
+from hivemindd.api.connections import ConnectionGate
+from hivemindd.api.dashboard import pages
+from hivemindd.wire.protocol import (
     MAX_BODY_BYTES,
     MAX_IMAGE_BYTES,
     MAX_NESTING,
@@ -286,7 +286,7 @@ def build_app(daemon: Controller, guard: Guard, loopback: LoopbackSecrets | None
 
     async def metrics(request: web.Request) -> web.Response:
         parse_no_query(dict(request.query))
-        from hivemindd.metrics_export import CONTENT_TYPE, render  # prometheus-client: only when scraped
+        from hivemindd.api.metrics_export import CONTENT_TYPE, render  # prometheus-client: only when scraped
 
         response = web.Response(body=render(daemon.metrics()))
         response.headers["Content-Type"] = CONTENT_TYPE

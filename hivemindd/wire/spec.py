@@ -11,7 +11,7 @@ length, the whole text in bytes), and no data location may name ``/proc``,
 ``/sys`` or ``/dev``. What only the host can judge (its state directory, its
 ``data_roots``, loopback and link-local URLs) is checked where the trainer opens
 the data. Each key's doc, unit and bounds live next to its default below;
-``docs/spec.md`` is generated from them (``python -m hivemindd.spec``).
+``docs/spec.md`` is generated from them (``python -m hivemindd.wire.spec``).
 """
 
 from __future__ import annotations
@@ -199,10 +199,21 @@ class RunSpec:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
+    # Two clocks: a *global step* (hivemind's epoch) is one optimizer step of the whole swarm,
+    # ``target_batch_size`` samples; a *dataset epoch* is ``train_samples`` samples, the unit of the
+    # milestones and of ``max_epochs``. Every conversion between them is one of these methods.
+
+    def dataset_epochs(self, global_steps: float) -> float:
+        """Passes over the training set that ``global_steps`` swarm-wide optimizer steps make."""
+        return global_steps * self.optimizer.target_batch_size / self.data.train_samples
+
+    def global_steps(self, dataset_epochs: float) -> float:
+        """Swarm-wide optimizer steps (possibly fractional) in ``dataset_epochs`` passes over the training set."""
+        return dataset_epochs * self.data.train_samples / self.optimizer.target_batch_size
+
     def milestones_in_global_steps(self) -> list[int]:
         """MultiStepLR milestones in hivemind epochs (one per ``target_batch_size`` samples)."""
-        steps_per_epoch = self.data.train_samples / self.optimizer.target_batch_size
-        return [max(1, round(m * steps_per_epoch)) for m in self.optimizer.milestones]
+        return [max(1, round(self.global_steps(m))) for m in self.optimizer.milestones]
 
 
 def parse_toml(text: str, source: str = "spec.toml") -> RunSpec:
@@ -383,7 +394,7 @@ def reference_markdown() -> str:
     out = [
         "# Run spec reference",
         "",
-        "<!-- Generated from hivemindd/spec.py by `python -m hivemindd.spec > docs/spec.md`; do not edit. -->",
+        "<!-- Generated from hivemindd/spec.py by `python -m hivemindd.wire.spec > docs/spec.md`; do not edit. -->",
         "",
         "A run spec is a TOML file (`hmctl join --run-id ID --spec FILE.toml`) with the sections below; every",
         "peer of a run trains with the same spec. Keys left out take their default; unknown keys, wrong types",

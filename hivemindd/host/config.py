@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hivemindd.auth import DEFAULT_OPERATOR_GROUP
-from hivemindd.launch import HostSettings
+from hivemindd.api.auth import DEFAULT_OPERATOR_GROUP
+from hivemindd.wire.launch import HostSettings
 
 SOCKET_PATH_LIMIT = 107  # sun_path is 108 bytes with the terminating NUL
 

@@ -3,7 +3,7 @@
 Every route is versioned under ``/v1`` and speaks JSON. Errors are
 ``{"error": {"code": ..., "message": ..., "field": ...}}`` with a 4xx status for
 bad requests and 409 for requests that conflict with the current state.
-The same routes are described for other clients in ``hivemindd/openapi.yaml``.
+The same routes are described for other clients in ``hivemindd/wire/openapi.yaml``.
 Pure stdlib: hmctl imports this module and must stay fast.
 """
 

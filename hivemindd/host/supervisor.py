@@ -20,9 +20,9 @@ from typing import Any
 
 import structlog
 
-from hivemindd.launch import TrainerLaunch
-from hivemindd.logfile import TrainerLog
-from hivemindd.process import Spawner, TrainerHandle
+from hivemindd.host.logfile import TrainerLog
+from hivemindd.host.process import Spawner, TrainerHandle
+from hivemindd.wire.launch import TrainerLaunch
 
 log = structlog.get_logger(__name__)
 
