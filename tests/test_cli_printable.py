@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 import pytest
 from click.testing import CliRunner
 
-from hivemindd.hmctl import client, commands
 from hivemindd.cli import main
+from hivemindd.hmctl import client, commands
 from hivemindd.hmctl.render import printable, render_prediction, render_status, render_swarm
 
 HOSTILE = "evil\x1b[2J\x1b]0;pwned\x07\r\nINFO forged line\u202e"

@@ -4,8 +4,10 @@ from pathlib import Path
 from typing import Any
 
 from hivemindd.host.config import build_config
-from hivemindd.host.core import Daemon
+from hivemindd.host.control import HostControl
 from hivemindd.host.observer import Observer
+from hivemindd.host.reconciler import Reconciler
+from hivemindd.host.state import DesiredState, StatePaths
 from hivemindd.host.swarm_view import ProgressRecord, SwarmView
 from hivemindd.wire.launch import HostSettings
 from hivemindd.wire.spec import parse_toml
@@ -45,18 +47,19 @@ async def _nothing(*_: Any) -> Any:
     return {}
 
 
-def daemon_with(tmp_path: Path, found: list[dict[str, Any]], trainer: dict[str, Any] | None = None) -> Daemon:
-    daemon = Daemon(build_config({"state_dir": str(tmp_path / "s")}))
-    daemon.agent = FakeAgent(found)  # type: ignore[assignment]
-    daemon.dht = FakeDHT()  # type: ignore[assignment]
-    daemon.supervisor = FakeSupervisor(trainer or {"state": "stopped"})  # type: ignore[assignment]
+def daemon_with(tmp_path: Path, found: list[dict[str, Any]], trainer: dict[str, Any] | None = None) -> HostControl:
+    """The control API's answers over fakes of the agent, the DHT and the supervisor."""
+    cfg = build_config({"state_dir": str(tmp_path / "s")})
+    paths = StatePaths(cfg.state_dir)
+    agent, dht, supervisor = FakeAgent(found), FakeDHT(), FakeSupervisor(trainer or {"state": "stopped"})
 
     def own() -> tuple[str | None, ProgressRecord]:
         return None, ProgressRecord(peer_id="QmSelf", hostname="h", state="idle", updated=0.0)
 
     swarm = SwarmView(_nothing, _nothing, own)
-    daemon.observer = Observer(daemon.paths, "h", lambda: "QmSelf", lambda: (None, {"state": "idle"}), swarm, None)
-    return daemon
+    observer = Observer(paths, "h", lambda: "QmSelf", lambda: (None, {"state": "idle"}), swarm, None)
+    reconciler = Reconciler(cfg, paths, DesiredState(), supervisor, agent, dht)  # type: ignore[arg-type]
+    return HostControl(cfg, paths, "h", dht, agent, supervisor, observer, None, reconciler)  # type: ignore[arg-type]
 
 
 def peer(peer_id: str, state: str) -> dict[str, Any]:
@@ -79,8 +82,8 @@ def test_status_names_the_global_step_and_the_dataset_epoch_it_makes(tmp_path: P
                       '[optimizer]\ntarget_batch_size = 64\n', source="t.toml")
     daemon.paths.run_spec("r").parent.mkdir(parents=True)
     daemon.paths.run_spec("r").write_bytes(spec.to_json().encode())
-    daemon.desired = daemon.desired.joined("r", HostSettings())
+    daemon.reconciler.desired = daemon.desired.joined("r", HostSettings())
     trainer = daemon.status()["trainer"]
     assert trainer["epoch"] == 160 and trainer["dataset_epoch"] == round(160 * 64 / 2000, 2)
-    daemon.desired = daemon.desired.left()
+    daemon.reconciler.desired = daemon.desired.left()
     assert daemon.status()["trainer"]["dataset_epoch"] is None
