@@ -16,8 +16,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from hivemindd.wire.states import TrainerState
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-TRAINER_STATES = ("stopped", "starting", "running", "stopping", "backoff", "crashloop", "paused")
 
 
 class DaemonCollector(Collector):
@@ -39,8 +40,8 @@ class DaemonCollector(Collector):
 
         state = GaugeMetricFamily("hivemindd_trainer_state", "1 for the trainer's current state, 0 for the others.",
                                   labels=[*labels, "state"])
-        for name in TRAINER_STATES:
-            state.add_metric([run, name], 1.0 if trainer.get("state") == name else 0.0)
+        for name in TrainerState:
+            state.add_metric([run, name.value], 1.0 if trainer.get("state") == name else 0.0)
         yield state
 
         restarts = CounterMetricFamily("hivemindd_trainer_restarts", "Trainer restarts since the daemon started.",

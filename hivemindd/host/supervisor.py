@@ -23,10 +23,11 @@ import structlog
 from hivemindd.host.logfile import TrainerLog
 from hivemindd.host.process import Spawner, TrainerHandle
 from hivemindd.wire.launch import TrainerLaunch
+from hivemindd.wire.states import TrainerEvent as E
+from hivemindd.wire.states import TrainerExit, TrainerState
 
 log = structlog.get_logger(__name__)
 
-EXIT_CONFIG_ERROR = 2  # the trainer's "restarting will not fix this" exit code
 # A timed pause is checked at least this often: monotonic sleeps stop while a laptop is suspended, the wall clock not.
 PAUSE_RECHECK_S = 30.0
 # Progress fields the trainer reports that status shows as they are.
@@ -34,16 +35,6 @@ _REPORTED = ("step", "epoch", "loss", "samples_per_s", "lr", "samples", "shards_
 # What status keeps about a run from one trainer attempt to the next: the checkpoint on disk outlives
 # the process. Everything else the trainer reported (progress, warnings, its peer id) belongs to one attempt.
 _RUN_FACTS = ("checkpoint_step",)
-
-
-class TrainerState(enum.Enum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    BACKOFF = "backoff"
-    CRASHLOOP = "crashloop"
-    PAUSED = "paused"
 
 
 S = TrainerState
@@ -409,7 +400,7 @@ class Supervisor:
 
     def _after_failure(self, code: int | None) -> None:
         """The trainer died (or never started): back off, or park it in crashloop."""
-        if code == 0 and self.info.get("finished"):  # it ended the run as the spec says: not a failure
+        if code == TrainerExit.OK and self.info.get("finished"):  # it ended the run as the spec says: not a failure
             self._finished_key, self.last_exit_code = self._handle_key, code
             self._handle = self._handle_key = None
             self.transition(S.STOPPED, "the run is finished ([run] max_epochs reached)")
@@ -418,7 +409,7 @@ class Supervisor:
         self.last_exit_code = code
         if code is not None and self.last_error is None:
             self.last_error = f"trainer exited with code {code}"
-        if code == EXIT_CONFIG_ERROR:
+        if code == TrainerExit.CONFIG:
             crashloop, delay = True, self._tracker.policy.crashloop_cooldown_s
         else:
             crashloop, delay = self._tracker.record_exit(self._started_at, self._clock(), self._rand(),
@@ -445,30 +436,30 @@ class Supervisor:
         kind = event["type"]
         fields: dict[str, Any] = {k: event[k] for k in _REPORTED if k in event}
         self.info.update(fields)
-        if kind == "started":
+        if kind == E.STARTED:
             self.info["peer_id"] = event.get("peer_id")
             if self.state is S.STARTING:
                 self.transition(S.RUNNING, "trainer reported ready")
-        elif kind == "resumed":
+        elif kind == E.RESUMED:
             self.info["resumed_from"] = event.get("source")
             self._base_step = int(event.get("step") or 0)
             self.info.setdefault("checkpoint_step", event.get("step") if event.get("source") == "checkpoint" else None)
-        elif kind == "progress":
+        elif kind == E.PROGRESS:
             self.last_error = self.previous_error = None
             self.info["run_steps"] = max(0, int(event.get("step") or 0) - self._base_step)
-        elif kind in ("checkpoint", "stopped"):
+        elif kind in (E.CHECKPOINT, E.STOPPED):
             step = event.get("checkpoint_step", event.get("step"))
             if step is not None:
                 self.info["checkpoint_step"] = step
-            if kind == "checkpoint":
+            if kind == E.CHECKPOINT:
                 self._checkpointed = True
-            if kind == "checkpoint" and self._desired.paused and self._desired.after_checkpoint:
+            if kind == E.CHECKPOINT and self._desired.paused and self._desired.after_checkpoint:
                 log.info("trainer.pausing_after_checkpoint", step=step)
                 self._log.note(f"checkpoint at step {step}: pausing as asked")
                 self._pause_took_effect()  # wakes the loop, which stops the trainer
-        elif kind == "error":
+        elif kind == E.ERROR:
             self.last_error = str(event.get("message", ""))[:2000]
-        elif kind == "warning":  # e.g. a corrupt latest.pt or a checkpoint the disk refused; training goes on
+        elif kind == E.WARNING:  # e.g. a corrupt latest.pt or a checkpoint the disk refused; training goes on
             self.info["last_warning"] = str(event.get("message", ""))[:2000]
-        elif kind == "finished":
+        elif kind == E.FINISHED:
             self.info["finished"] = event.get("path")

@@ -24,7 +24,9 @@ from typing import Any
 
 import structlog
 
+from hivemindd.wire import states
 from hivemindd.wire.spec import RunSpec
+from hivemindd.wire.states import TrainerState
 
 log = structlog.get_logger(__name__)
 
@@ -50,14 +52,14 @@ def swarm_key(run_id: str) -> str:
 
 
 def activity(state: str | None, step: int | None) -> str:
-    """One word for a peer from its trainer state (supervisor.TrainerState values, or 'idle')."""
-    if state == "paused":
+    """One word for a peer from its trainer state (a TrainerState value, or 'idle')."""
+    if state == TrainerState.PAUSED:
         return PAUSED
-    if state in ("backoff", "crashloop"):
+    if state in states.FAILING:
         return FAILING
-    if state == "running" and step is not None:
+    if state == TrainerState.RUNNING and step is not None:
         return TRAINING
-    if state in ("starting", "running", "stopping"):
+    if state in states.ALIVE:
         return STARTING
     return BOOTSTRAP_ONLY  # idle or stopped: a DHT node that others bootstrap through
 

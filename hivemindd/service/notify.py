@@ -24,6 +24,8 @@ from typing import Any
 
 import structlog
 
+from hivemindd.wire.states import TrainerState
+
 log = structlog.get_logger(__name__)
 
 STATUS_EVERY_S = 2.0  # how often the summary is recomputed; a datagram goes out only when it changed
@@ -187,15 +189,15 @@ def status_line(status: Mapping[str, Any]) -> str:
     suffix = f" ({', '.join(notes)})" if notes else ""
     if run_id is None:
         return f"idle, not joined{suffix}"
-    if status.get("paused") or state == "paused":
+    if status.get("paused") or state == TrainerState.PAUSED:
         until = _pause_until(status)
         return f"paused{' until ' + until if until else ''}, run {run_id}{suffix}"
-    if state == "crashloop":
+    if state == TrainerState.CRASHLOOP:
         error = str(trainer.get("last_error") or "trainer keeps failing").strip().splitlines()
         return f"crashloop: {error[0] if error else 'trainer keeps failing'}"
-    if state == "backoff":
+    if state == TrainerState.BACKOFF:
         return f"restarting {run_id} after a failure (restarts: {trainer.get('restarts', 0)}){suffix}"
-    if state == "running":
+    if state == TrainerState.RUNNING:
         epoch = trainer.get("epoch")
         where = f", global step {epoch}" if epoch is not None else ""
         return f"training {run_id}{where}, {peers} peer{'s' if peers != 1 else ''}{suffix}"
