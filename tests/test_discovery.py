@@ -42,6 +42,15 @@ def test_record_round_trip_ignores_unknown_fields() -> None:
     (json.dumps({"peer_id": PEER_A, "maddrs": [f"/ip4/1.2.3.4/tcp/1/p2p/{PEER_A}"], "hostname": 5}).encode(),
      "hostname"),
     (b"{" + b" " * 20000 + b"}", "over the"),
+    # Issue 11 item 8: what a record says reaches `hmctl peers`, /v1/peers and logs; no terminal escapes.
+    (json.dumps({"peer_id": PEER_A, "maddrs": [f"/ip4/1.2.3.4/tcp/1/p2p/{PEER_A}"],
+                 "hostname": "evil\x1b[2J"}).encode(), "hostname .* holds control characters"),
+    (json.dumps({"peer_id": PEER_A, "maddrs": [f"/ip4/1.2.3.4/tcp/1/p2p/{PEER_A}"],
+                 "state": "running\r\nINFO forged"}).encode(), "state .* holds control characters"),
+    (json.dumps({"peer_id": PEER_A, "maddrs": [f"/ip4/1.2.3.4/tcp/1/p2p/{PEER_A}"],
+                 "version": "1.0\u202e"}).encode(), "version .* holds control characters"),
+    (json.dumps({"peer_id": PEER_A, "maddrs": [f"/ip4/1.2.3.4/tcp/1/p2p/{PEER_A}"],
+                 "run_id": "demo\x07"}).encode(), "run_id .* holds control characters"),
 ])
 def test_bad_records_are_rejected_with_a_reason(body: bytes, reason: str) -> None:
     with pytest.raises(RecordError, match=reason):

@@ -83,13 +83,19 @@ class PeerRecord:
             hostname=_text(raw, "hostname"),
             version=_text(raw, "version"),
             state=_text(raw, "state"),
-            run_id=raw.get("run_id") if isinstance(raw.get("run_id"), str) else None,
+            run_id=_text(raw, "run_id", None),
             heartbeat=float(raw["heartbeat"]) if isinstance(raw.get("heartbeat"), (int, float)) else 0.0,
         )
 
 
-def _text(raw: dict[str, Any], key: str) -> str:
-    value = raw.get(key, "")
+def _text(raw: dict[str, Any], key: str, default: Any = "") -> Any:
+    """A short printable string: whatever a record says reaches terminals and logs, so no control or bidi
+    characters (ESC, CR/LF, U+202E …) that could recolour a terminal or forge a line."""
+    value = raw.get(key, default)
+    if value is default:
+        return value
     if not isinstance(value, str) or len(value) > 255:
         raise RecordError(f"{key} must be a string of at most 255 characters")
+    if not value.isprintable():
+        raise RecordError(f"{key} {value[:40]!r} holds control characters")
     return value
