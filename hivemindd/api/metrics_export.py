@@ -8,7 +8,6 @@ trainer state is a one-hot gauge, the usual way to export an enum.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -89,7 +88,3 @@ def render(snapshot: dict[str, Any]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DaemonCollector(snapshot))
     return generate_latest(registry)
-
-
-def checkpoint_age(mtime: float | None, now: float | None = None) -> float | None:
-    return None if mtime is None else max(0.0, (time.time() if now is None else now) - mtime)

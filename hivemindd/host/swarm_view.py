@@ -15,7 +15,6 @@ tests/test_swarm_view.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -191,24 +190,16 @@ class SwarmView:
         self._run_id: str | None = None
         self._read_at: float | None = None
         self.error: str | None = None
-        self._poke = asyncio.Event()
 
     @property
     def expiration_s(self) -> float:
         """How long a record lives without a refresh: three missed rounds."""
         return 3 * self.interval_s + 5.0
 
-    def poke(self) -> None:
-        """Publish now (the run or the trainer state changed)."""
-        self._poke.set()
-
     async def run(self) -> None:
         while True:
             await self.refresh()
-            self._poke.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.interval_s):
-                    await self._poke.wait()
+            await asyncio.sleep(self.interval_s)
 
     async def refresh(self) -> None:
         run_id, own = self._describe()
