@@ -394,7 +394,7 @@ def reference_markdown() -> str:
     out = [
         "# Run spec reference",
         "",
-        "<!-- Generated from hivemindd/spec.py by `python -m hivemindd.wire.spec > docs/spec.md`; do not edit. -->",
+        "<!-- Generated from hivemindd/wire/spec.py by `python -m hivemindd.wire.spec > docs/spec.md`; do not edit. -->",
         "",
         "A run spec is a TOML file (`hmctl join --run-id ID --spec FILE.toml`) with the sections below; every",
         "peer of a run trains with the same spec. Keys left out take their default; unknown keys, wrong types",
