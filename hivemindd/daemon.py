@@ -26,6 +26,12 @@ from hivemindd.host.logfile import DaemonLogRing
 from hivemindd.service.notify import Notifier, ServiceHeartbeat, status_line
 from hivemindd.wire.logformat import HIVEMIND_LEVEL_VARIABLE, add_iso_time, hivemind_level, route_hivemind_logs
 
+
+def _default(name: str) -> Any:
+    """DaemonConfig's default for a field: help texts show it from there, so it is written once."""
+    return DaemonConfig.__dataclass_fields__[name].default
+
+
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -103,22 +109,26 @@ async def serve(cfg: DaemonConfig, daemon_log: DaemonLogRing | None = None) -> N
 @click.option("--state-dir", help="Where state.json, keys, logs and checkpoints live. [~/.local/state/hivemindd]")
 @click.option("--socket", help="Control socket path. [<state-dir>/hivemindd.sock]")
 @click.option("--discovery", help="Where peers meet: file:///path or gs://bucket/prefix. [file://<state-dir>/discovery]")
-@click.option("--host-maddr", multiple=True, help="Listen multiaddr of the DHT node (repeatable). [/ip4/127.0.0.1/tcp/0]")
+@click.option("--host-maddr", multiple=True, help=f"Listen multiaddr of the DHT node (repeatable). "
+                                                          f"[{' '.join(_default('host_maddrs'))}]")
 @click.option("--announce-maddr", multiple=True, help="Multiaddr others should dial, with an explicit port (repeatable).")
 @click.option("--initial-peer", multiple=True, help="Extra bootstrap multiaddr, /ip4/…/p2p/<peer id> (repeatable).")
-@click.option("--heartbeat", type=float, help="Seconds between discovery refreshes. [30]")
+@click.option("--heartbeat", type=float, help=f"Seconds between discovery refreshes. [{_default('heartbeat_s'):g}]")
 @click.option("--ttl", type=float, help="Seconds after which a silent peer is ignored. [3 heartbeats]")
-@click.option("--stop-timeout", type=float, help="Seconds the trainer gets to checkpoint and leave on stop before SIGKILL. [150]")
+@click.option("--stop-timeout", type=float, help=f"Seconds the trainer gets to checkpoint and leave on stop before SIGKILL. "
+                                                f"[{_default('stop_timeout_s'):g}]")
 @click.option("--hang-timeout", type=float,
-              help="Seconds without any progress from the trainer before it is taken for hung and restarted. [900]")
+              help="Seconds without any progress from the trainer before it is taken for hung and restarted. "
+                   f"[{_default('hang_timeout_s'):g}]")
 @click.option("--crashloop-cooldown", type=float,
               help="Seconds before a trainer parked in crashloop is tried again (joining or resuming retries at once). "
-                   "[300]")
-@click.option("--log-format", type=click.Choice(["console", "json"]), help="Daemon log format. [console]")
+                   f"[{_default('crashloop_cooldown_s'):g}]")
+@click.option("--log-format", type=click.Choice(["console", "json"]), help=f"Daemon log format. [{_default('log_format')}]")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="Daemon log level; debug also shows hivemind's own INFO and DEBUG lines (else WARNING and up, "
-                   "or $HIVEMIND_LOGLEVEL), in the daemon and its trainers. [info]")
-@click.option("--operator-group", help="Members of this group may control the daemon; other users only read status. [hivemind]")
+                   f"or $HIVEMIND_LOGLEVEL), in the daemon and its trainers. [{_default('log_level')}]")
+@click.option("--operator-group", help="Members of this group may control the daemon; other users only read status. "
+                                                  f"[{_default('operator_group')}]")
 @click.option("--http", help="Also serve the API on this loopback HOST:PORT, with the bearer token in <state-dir>/http.token.")
 @click.option("--http-allow-remote", is_flag=True, default=None, help="Let --http bind a non-loopback address.")
 @click.version_option(__version__, prog_name="hivemindd")

@@ -111,3 +111,22 @@ def test_http_allow_remote_must_be_a_boolean_in_the_file(tmp_path: Path) -> None
     cfg_file.write_text('http_allow_remote = "yes"\n')
     with pytest.raises(ConfigError, match="http_allow_remote has the wrong type"):
         read_config_file(cfg_file)
+
+
+def test_help_shows_the_defaults_the_config_really_has() -> None:
+    """Defaults are written once, in DaemonConfig and HostSettings; --help reads them from there."""
+    from click.testing import CliRunner
+
+    from hivemindd.cli import main as hmctl
+    from hivemindd.daemon import main as hivemindd
+    from hivemindd.host.config import DaemonConfig
+    from hivemindd.wire.launch import HostSettings
+
+    shown = " ".join(CliRunner().invoke(hivemindd, ["--help"], terminal_width=400).output.split())
+    for value in (DaemonConfig.heartbeat_s, DaemonConfig.stop_timeout_s, DaemonConfig.hang_timeout_s,
+                  DaemonConfig.crashloop_cooldown_s):
+        assert f"[{value:g}]" in shown, (value, shown)
+    assert f"[{DaemonConfig.operator_group}]" in shown and f"[{DaemonConfig.host_maddrs[0]}]" in shown
+    join = " ".join(CliRunner().invoke(hmctl, ["join", "--help"], terminal_width=400).output.split())
+    host = HostSettings()
+    assert f"[{host.device}]" in join and f"[{host.batch_size}]" in join and f"[{host.workers}]" in join, join

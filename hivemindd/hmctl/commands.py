@@ -19,8 +19,10 @@ import click
 
 from hivemindd.hmctl.client import SOCKET_NAME, ApiError, Client, default_socket, fail
 from hivemindd.hmctl.render import describe_pause, printable, render_prediction, render_status, render_swarm
+from hivemindd.wire.launch import HostSettings
 from hivemindd.wire.protocol import EX_FAILURE, JoinRequest, RequestError, parse_duration
 
+_HOST = HostSettings()  # the defaults a join without flags gets (the daemon's [host] table may set others)
 json_option = click.option("--json", "json_output", is_flag=True, help="Print JSON for scripts.")
 
 
@@ -100,9 +102,9 @@ def peers(ctx: click.Context, json_output: bool) -> None:
 @main.command()
 @click.option("--run-id", required=True, help="The run to join (letters, digits, '.', '_', '-').")
 @click.option("--spec", "spec_file", type=click.File("r"), help="TOML run spec: creates the run if it does not exist.")
-@click.option("--device", type=click.Choice(["auto", "cuda", "mps", "cpu"]), help="Where this host trains. [auto]")
-@click.option("--batch-size", type=click.IntRange(1), help="Samples per local step on this host. [32]")
-@click.option("--workers", type=click.IntRange(0), help="Data-loader worker processes. [0]")
+@click.option("--device", type=click.Choice(HostSettings.DEVICES), help=f"Where this host trains. [{_HOST.device}]")
+@click.option("--batch-size", type=click.IntRange(1), help=f"Samples per local step on this host. [{_HOST.batch_size}]")
+@click.option("--workers", type=click.IntRange(0), help=f"Data-loader worker processes. [{_HOST.workers}]")
 @json_option
 @click.pass_context
 def join(ctx: click.Context, run_id: str, spec_file: Any, device: str | None, batch_size: int | None,
