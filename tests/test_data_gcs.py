@@ -16,19 +16,19 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from hivemindd.trainer import data, read_policy
+from hivemindd.trainer import data, read_policy, storage
 from hivemindd.trainer.data import (
     ShardReader,
     ShardTally,
     check_location,
     check_shard,
     load_classes,
-    open_location,
     resolve_shards,
     samples_from_shards,
     train_batches,
 )
 from hivemindd.trainer.errors import ConfigError
+from hivemindd.trainer.storage import open_location
 from tests.test_data import make_shard
 
 BUCKET = "test-bucket"
@@ -155,7 +155,7 @@ def test_gs_batches_through_a_worker(upload: Upload, tmp_path: Path) -> None:
 
 
 def test_generation_is_pinned_while_a_shard_is_read(upload: Upload, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "GCS_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(storage, "GCS_CHUNK_BYTES", 1000)
     url = upload("gen/obj", b"a" * 5000)
     with contextlib.closing(open_location(url)) as stream:
         first = stream.read(1000)

@@ -1,15 +1,15 @@
-"""Training data: shard locations, brace expansion, shard opening and the WebDataset pipeline.
+"""Training data: shard locations, brace expansion, shard checks and the WebDataset pipeline.
 
 Every peer draws shards at random, with its own seed, forever (``ResampledShards``):
 peers need no coordination over who reads what, and a restarted peer simply draws
 anew. One dataset epoch is therefore a number of samples (``data.train_samples``),
 not a pass over the files.
 
-Shards are local files, ``gs://`` objects (google-cloud-storage: chunked ranged
-reads with the library's retry, the generation pinned per shard) or ``https://``
-URLs (urllib). A shard that cannot be read (missing, corrupt, network down, a
-label that cannot be mapped) costs a warning and is counted in ``ShardTally``;
-only when nothing can be read at all does the trainer stop, with a ConfigError.
+Shards are local files, ``gs://`` objects or ``https://`` URLs, opened by
+``storage.py`` (folder trees are read through it too). A shard that cannot be read
+(missing, corrupt, network down, a label that cannot be mapped) costs a warning and
+is counted in ``ShardTally``; only when nothing can be read at all does the trainer
+stop, with a ConfigError.
 
 What a spec may make the host read (local folders, URL hosts, regular files only) is
 the host's read policy (``read_policy.py``); sizes are bounded here: a tar entry over
@@ -24,11 +24,9 @@ import itertools
 import json
 import logging
 import multiprocessing
-import os
 import re
 import tarfile
 import time
-import urllib.error
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -42,19 +40,16 @@ from webdataset.tariterators import group_by_keys
 
 from hivemindd.trainer import read_policy
 from hivemindd.trainer.demo_data import ensure_demo_shards
-from hivemindd.trainer.errors import ConfigError
+from hivemindd.trainer.errors import ConfigError, NoReadableShards
 from hivemindd.trainer.folder_tree import TreeReader, index_path, is_folder_tree, load_or_build_index
-from hivemindd.trainer.read_policy import ReadPolicy, ReadRefused
+from hivemindd.trainer.read_policy import ReadRefused
+from hivemindd.trainer.storage import is_missing, is_remote, open_location
 from hivemindd.trainer.transforms import Prefetcher, train_transform, val_transform
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SHUFFLE_BUFFER = 1000  # samples; mixes consecutive shards without costing much memory
-REMOTE_SCHEMES = ("gs://", "https://", "http://")
-GCS_CHUNK_BYTES = 16 << 20  # one ranged GET per chunk, each retried by the library on its own
-HTTP_TIMEOUT_S = 60.0
-HTTP_ATTEMPTS = 3
 CHECK_ATTEMPTS = 4  # shards tried up front before a location is declared unreadable
 MAX_CONSECUTIVE_FAILURES = 32  # per loader worker: past this, the location is taken for unreadable
 MISSING_RETRY_S = 600.0  # a shard that was not found is drawn again after this long
@@ -67,10 +62,6 @@ MAX_CLASS_LIST_BYTES = 16 << 20  # 100,000 names of ~100 bytes
 _META_ENTRY = re.compile(r"__[^/]*__($|/)")  # webdataset's own metadata entries, skipped as it does
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-class NoReadableShards(ConfigError):
-    """Every shard drawn in a row failed: the data location is gone or wrong."""
 
 
 class ShardError(Exception):
@@ -96,10 +87,6 @@ class ShardTally:
 def expand_braces(pattern: str) -> list[str]:
     """``a-{00..02}.tar`` → ``[a-00.tar, a-01.tar, a-02.tar]`` (zero padding kept)."""
     return list(braceexpand.braceexpand(pattern))
-
-
-def is_remote(url: str) -> bool:
-    return url.startswith(REMOTE_SCHEMES)
 
 
 def resolve_shards(url: str, key: str, cache_dir: str, classes: Sequence[str] | None = None) -> list[str]:
@@ -150,93 +137,6 @@ def _demo_pattern(url: str, key: str, cache_dir: str) -> str:
         raise ConfigError(f"{key}: {url!r} is not a demo set (use demo://shapes/train or demo://shapes/val)")
     shards = ensure_demo_shards(cache_dir)
     return shards.train if url.endswith("/train") else shards.val
-
-
-# --- opening shards ---------------------------------------------------------------------------
-
-_gcs_clients: dict[tuple[int, str | None], Any] = {}
-
-
-def _gcs() -> Any:
-    """This process's storage client, made on first use.
-
-    A client holds sockets and credential refresh state that must not cross a fork:
-    every loader worker makes its own (hence the pid in the cache key). With
-    STORAGE_EMULATOR_HOST set the library talks to the emulator with anonymous
-    credentials by itself; otherwise it uses Application Default Credentials.
-    """
-    key = (os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST"))
-    if key not in _gcs_clients:
-        from google.cloud import storage  # imported late: only gs:// data needs it
-
-        for (pid, _), stale in list(_gcs_clients.items()):
-            if pid == os.getpid():
-                stale.close()  # the emulator moved (tests)
-        _gcs_clients.clear()  # a forked child's copy of its parent's client is never used
-        _gcs_clients[key] = storage.Client()
-    return _gcs_clients[key]
-
-
-def _split_gs(url: str) -> tuple[str, str]:
-    parsed = urlparse(url)
-    return parsed.netloc, parsed.path.lstrip("/")
-
-
-def _open_gcs(url: str) -> IO[bytes]:
-    bucket_name, name = _split_gs(url)
-    bucket = _gcs().bucket(bucket_name)
-    meta = bucket.get_blob(name)  # one metadata GET: it fixes the generation this shard is read at
-    if meta is None:
-        from google.api_core.exceptions import NotFound
-
-        raise NotFound(f"404 {url} does not exist")
-    # A blob bound to a generation reads that generation only: an object replaced while we
-    # read it fails the shard (404) rather than mixing two versions.
-    pinned = bucket.blob(name, generation=meta.generation)
-    stream: IO[bytes] = pinned.open("rb", chunk_size=GCS_CHUNK_BYTES)
-    return stream
-
-
-def _open_http(url: str, policy: ReadPolicy | None = None) -> IO[bytes]:
-    opener = read_policy.url_opener(policy)  # refuses loopback/link-local hosts, redirects included
-    for attempt in range(1, HTTP_ATTEMPTS + 1):
-        try:
-            response: IO[bytes] = opener.open(url, timeout=HTTP_TIMEOUT_S)
-            return response
-        except urllib.error.HTTPError as exc:
-            exc.close()  # it holds the response and its socket; the status is all we need
-            if exc.code < 500 and exc.code != 429:
-                raise  # 404 and friends will not get better with another try
-            if attempt == HTTP_ATTEMPTS:
-                raise
-        except OSError:
-            if attempt == HTTP_ATTEMPTS:
-                raise
-        time.sleep(2 ** (attempt - 1))  # backoff between attempts: 1 s, 2 s
-    raise AssertionError("unreachable")
-
-
-def open_location(url: str, policy: ReadPolicy | None = None) -> IO[bytes]:
-    """A readable binary stream for a local path, file://, gs:// or https:// location.
-
-    ``policy`` (default: this process's) says which local files and URL hosts may be read;
-    ReadRefused when this is not one of them, or not a regular file.
-    """
-    if url.startswith("gs://"):
-        return _open_gcs(url)
-    if url.startswith(("https://", "http://")):
-        return _open_http(url, policy)
-    if url.startswith("file://"):
-        url = urlparse(url).path
-    return read_policy.open_local(url, policy)  # the caller closes it
-
-
-def _is_missing(exc: BaseException) -> bool:
-    if isinstance(exc, FileNotFoundError):
-        return True
-    if isinstance(exc, urllib.error.HTTPError):
-        return exc.code == 404
-    return type(exc).__name__ == "NotFound"  # google.api_core.exceptions.NotFound, not imported for local data
 
 
 # --- labels -----------------------------------------------------------------------------------
@@ -352,7 +252,7 @@ class ShardReader:
                 log.warning("%s: skipping shard %s: %s", self.key, url, last_error)
                 if self.tally is not None:
                     self.tally.add_failure()
-                if _is_missing(exc):
+                if is_missing(exc):
                     missing[url] = time.monotonic()
                 failures += 1
                 if 0 < self.shard_count <= len(missing):

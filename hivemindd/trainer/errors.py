@@ -1,4 +1,4 @@
-"""The one error type that means "fix the spec, launch file or data; restarting will not help"."""
+"""The error types that mean "fix the spec, launch file or data; restarting will not help"."""
 
 from __future__ import annotations
 
@@ -9,3 +9,7 @@ class ConfigError(Exception):
     The message is one line a human can act on and starts with the key at fault,
     e.g. ``data.train: no shards match /x/train-{0..3}.tar``.
     """
+
+
+class NoReadableShards(ConfigError):
+    """Every shard (or folder-tree file) drawn in a row failed: the data location is gone or wrong."""

@@ -33,8 +33,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from hivemindd.trainer import read_policy
-from hivemindd.trainer.errors import ConfigError
+from hivemindd.trainer.errors import ConfigError, NoReadableShards
 from hivemindd.trainer.read_policy import ReadPolicy, ReadRefused
+from hivemindd.trainer.storage import gcs_client, split_gs
 
 log = logging.getLogger(__name__)
 
@@ -164,22 +165,17 @@ class _LocalLister:
 
 class _GcsLister:
     def __init__(self, url: str) -> None:
-        parsed = urlparse(url)
-        self.bucket, self.prefix = parsed.netloc, parsed.path.lstrip("/")
+        self.bucket, self.prefix = split_gs(url)
 
     def folders(self) -> list[str]:
-        from hivemindd.trainer.data import _gcs
-
-        blobs = _gcs().list_blobs(self.bucket, prefix=self.prefix, delimiter="/")
+        blobs = gcs_client().list_blobs(self.bucket, prefix=self.prefix, delimiter="/")
         for _ in blobs.pages:  # prefixes fill in as pages are read
             pass
         return [p[len(self.prefix):].rstrip("/") for p in blobs.prefixes]
 
     def images(self, folder: str) -> list[str]:
-        from hivemindd.trainer.data import _gcs
-
         start = f"{self.prefix}{folder}/"
-        blobs = _gcs().list_blobs(self.bucket, prefix=start, fields="items(name),nextPageToken")
+        blobs = gcs_client().list_blobs(self.bucket, prefix=start, fields="items(name),nextPageToken")
         names = (blob.name[len(start):] for blob in blobs)
         return sorted(n for n in names if "/" not in n and _is_image(n))
 
@@ -235,21 +231,16 @@ class TreeReader:
         if self.tally is not None:
             self.tally.add_failure()
         if failures >= MAX_CONSECUTIVE_FAILURES:
-            from hivemindd.trainer.data import NoReadableShards
-
             raise NoReadableShards(f"{self.key}: no image of {self.url} could be read: {failures} failed in a row, "
                                    f"the last with: {_first_line(exc)}")
 
 
 def _reader(url: str, policy: ReadPolicy) -> Callable[[str], bytes]:
     if url.startswith("gs://"):
-        parsed = urlparse(url)
-        bucket_name, prefix = parsed.netloc, parsed.path.lstrip("/")
+        bucket_name, prefix = split_gs(url)
 
         def read_gcs(name: str) -> bytes:
-            from hivemindd.trainer.data import _gcs
-
-            data: bytes = _gcs().bucket(bucket_name).blob(prefix + name).download_as_bytes()  # library retry
+            data: bytes = gcs_client().bucket(bucket_name).blob(prefix + name).download_as_bytes()  # library retry
             return data
 
         _widen_connection_pool()
@@ -263,9 +254,7 @@ def _widen_connection_pool() -> None:
     """Let all READ_THREADS keep a connection: requests pools 10 per host by default and drops the rest."""
     from requests.adapters import HTTPAdapter
 
-    from hivemindd.trainer.data import _gcs
-
-    session = _gcs()._http  # the client's requests session (AuthorizedSession for real credentials)
+    session = gcs_client()._http  # the client's requests session (AuthorizedSession for real credentials)
     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=2 * READ_THREADS)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
