@@ -1,8 +1,8 @@
 """Gossip mode: peers that average in groups get closer, alpha moves them part way, a lone peer trains on.
 
 Peers are real processes on loopback, joined through a bootstrap DHT that stands in
-for the host DHT. The multi-peer tests drive ``GossipOptimizer`` (built through
-``swarm.build_optimizer``, as the trainer does) on a tiny model, so that the test can
+for the host DHT. The multi-peer tests drive ``GossipStrategy`` (built through
+``strategies.build``, as the trainer does) on a tiny model, so that the test can
 compare the peers' weights; the lone-peer test runs the real trainer process.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 
-from hivemindd.trainer import gossip
+from hivemindd.trainer.strategies import gossip
 from tests.test_trainer_process import Trainer, make_launch
 
 PEER = textwrap.dedent("""
@@ -34,7 +34,7 @@ PEER = textwrap.dedent("""
     from torch import nn
     from hivemindd.wire.launch import HostSettings, TrainerLaunch
     from hivemindd.wire.spec import RunSpec
-    from hivemindd.trainer import swarm
+    from hivemindd.trainer import strategies, swarm
     from hivemindd.trainer.model import batchnorm_buffers
 
     name, out, config = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -53,7 +53,7 @@ PEER = textwrap.dedent("""
     dht = swarm.start_dht(launch)
     torch.manual_seed(config["seed"])  # a different random init on every peer
     model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
-    opt = swarm.build_optimizer(launch, dht, model, batchnorm_buffers(model))
+    opt = strategies.build(launch, dht, model, batchnorm_buffers(model))
     weights = lambda: torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
     torch.save(weights(), f"{out}/{name}-init.pt")
     stop = threading.Event()
@@ -67,8 +67,7 @@ PEER = textwrap.dedent("""
         x = torch.randn(8, 16, generator=data)
         loss = nn.functional.cross_entropy(model(x), (x @ teacher).argmax(1))
         loss.backward()
-        opt.step()
-        opt.zero_grad()
+        opt.step()  # also zeroes the gradients
         if (opt.rounds_averaged, opt.rounds_skipped) != (averaged, skipped):
             if opt.rounds_averaged == 1 and averaged == 0:
                 torch.save(weights(), f"{out}/{name}-first.pt")
@@ -77,7 +76,7 @@ PEER = textwrap.dedent("""
                   flush=True)
         stop.wait(config["step_s"])  # pace the steps like a real model's instead of spinning a core
     torch.save(weights(), f"{out}/{name}-final.pt")
-    print("DONE " + json.dumps({"steps": opt.local_steps, "epoch": opt.local_epoch, "lr": swarm.current_lr(opt),
+    print("DONE " + json.dumps({"steps": opt.local_steps, "epoch": opt.local_epoch, "lr": opt.current_lr(),
                                 "averaged": opt.rounds_averaged, "loss": float(loss)}), flush=True)
     opt.shutdown()
     dht.shutdown()

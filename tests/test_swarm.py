@@ -25,7 +25,7 @@ LONE_PEER = textwrap.dedent("""
     from torch import nn
     from hivemindd.wire.launch import HostSettings, TrainerLaunch
     from hivemindd.wire.spec import RunSpec
-    from hivemindd.trainer import swarm
+    from hivemindd.trainer import strategies, swarm
     from hivemindd.trainer.model import batchnorm_buffers
 
     spec = RunSpec.from_dict({
@@ -37,11 +37,11 @@ LONE_PEER = textwrap.dedent("""
                            cache_dir=sys.argv[1], initial_peers=())
     dht = swarm.start_dht(launch)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-    opt = swarm.build_optimizer(launch, dht, model, swarm.BufferSync(batchnorm_buffers(model)).tensors)
-    out = {"peers": swarm.peers_with_progress(opt), "lr": swarm.current_lr(opt),
-           "has_scheduler": swarm.scheduler_of(opt) is not None}
+    opt = strategies.build(launch, dht, model, swarm.BufferSync(batchnorm_buffers(model)).tensors)
+    out = {"peers": opt.peers_with_progress(), "lr": opt.current_lr(),
+           "has_scheduler": opt.scheduler is not None}
     started = time.monotonic()
-    out["loaded"] = swarm.load_state_from_peers(opt)
+    out["loaded"] = opt.load_state_from_peers()
     out["load_s"] = time.monotonic() - started
     model(torch.randn(4, 4)).sum().backward()
     opt.step()
@@ -85,7 +85,7 @@ def test_batchnorm_buffers_on_cpu_are_shared_directly() -> None:
 
 
 def test_run_ids_with_dots_get_a_prefix_hivemind_accepts() -> None:
-    from hivemindd.trainer.gossip import averager_prefix
+    from hivemindd.trainer.strategies.gossip import averager_prefix
     from hivemindd.trainer.swarm import hivemind_run_id
 
     assert hivemind_run_id("imagenet-distributed") == "imagenet-distributed"  # unchanged: existing swarms keep meeting

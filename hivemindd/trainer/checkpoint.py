@@ -139,11 +139,6 @@ def load_latest(directory: Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(None, None, problems)
 
 
-def load_file(path: Path) -> dict[str, Any]:
-    """One checkpoint file, verified; raises (ValueError, OSError, torch's errors) if it is not whole."""
-    return _read(path)
-
-
 def _read(path: Path) -> dict[str, Any]:
     _verify_zip(path)
     # weights_only: a checkpoint holds tensors, numbers and strings, never code.

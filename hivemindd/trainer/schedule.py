@@ -36,9 +36,8 @@ class LrSchedule:
     def from_spec(cls, spec: RunSpec) -> LrSchedule:
         opt = spec.optimizer
         peak = opt.lr * opt.target_batch_size / LINEAR_SCALING_BATCH if opt.lr_scaling == "linear" else opt.lr
-        steps_per_epoch = spec.data.train_samples / opt.target_batch_size
         return cls(peak_lr=peak, milestones=tuple(spec.milestones_in_global_steps()), gamma=opt.gamma,
-                   warmup_steps=round(opt.warmup_epochs * steps_per_epoch))
+                   warmup_steps=round(spec.global_steps(opt.warmup_epochs)))
 
     def factor(self, epoch: int) -> float:
         """Multiplier of the peak LR during global epoch ``epoch`` (MultiStepLR's milestone semantics)."""

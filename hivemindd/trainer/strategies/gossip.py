@@ -31,9 +31,8 @@ of peers; counting only this peer's samples would postpone every milestone N-fol
 in an N-peer swarm. A lone peer counts exactly its own samples. The epoch never
 goes backwards (a round that lowers the estimate only delays the next epoch).
 
-The trainer loop talks to this object through the surface it uses on
-``hivemind.Optimizer`` (``TrainingOptimizer`` below) plus the helpers in
-``swarm.py``, which call the methods of the same names here.
+``GossipStrategy`` implements the ``Strategy`` protocol (``strategies/__init__.py``),
+through which the trainer loop drives it.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import hivemind
 import torch
@@ -58,6 +57,7 @@ from torch import nn
 
 from hivemindd.trainer.errors import ConfigError
 from hivemindd.trainer.schedule import LrSchedule
+from hivemindd.trainer.swarm import hivemind_run_id
 from hivemindd.wire.launch import TrainerLaunch
 from hivemindd.wire.spec import RunSpec
 
@@ -69,43 +69,12 @@ PEER_COUNT_REFRESH_S = 10.0
 NOBODY = "could not find a group"  # hivemind's message for a round that ended without partners
 
 
-class ReadyFlag(Protocol):
-    @property
-    def ready_to_update_epoch(self) -> bool: ...
-
-
-class TrainingOptimizer(Protocol):
-    """What the trainer loop uses of its optimizer; ``hivemind.Optimizer`` and ``GossipOptimizer`` both offer it.
-
-    ``tracker.ready_to_update_epoch`` is True right before a step that will share
-    tensors with peers (the loop then refreshes the BatchNorm mirrors first).
-    ``state_dict()`` holds no model weights: the loop checkpoints those itself.
-    """
-
-    tracker: ReadyFlag
-
-    @property
-    def local_epoch(self) -> int: ...
-
-    def step(self) -> Any: ...
-
-    def zero_grad(self, set_to_none: bool = True) -> None: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
-
-    def shutdown(self) -> None: ...
-
-
 def averager_prefix(run_id: str) -> str:
     """The DHT prefix of a run's gossip averagers: distinct per run id and from collaborative mode's keys.
 
     hivemind forbids '.' in prefixes and run ids may hold one; such ids are made safe
     and tagged with a hash so that two ids never share a prefix.
     """
-    from hivemindd.trainer.swarm import hivemind_run_id  # swarm imports this module
-
     return f"{hivemind_run_id(run_id)}_gossip"
 
 
@@ -122,7 +91,7 @@ def blend_(live: torch.Tensor, averaged: torch.Tensor, snapshot: torch.Tensor, a
 class _StateSharingAverager(DecentralizedAverager):
     """A DecentralizedAverager that serves the optimizer's live state (not its last snapshot) to newcomers."""
 
-    def __init__(self, owner: GossipOptimizer, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, owner: GossipStrategy, *args: Any, **kwargs: Any) -> None:
         self._owner = owner
         super().__init__(*args, **kwargs)
 
@@ -153,41 +122,8 @@ class _Round:
     swarm_samples: float  # this peer's estimate when the snapshot was taken
 
 
-@dataclass(frozen=True)
-class GossipProgress:
-    """The fields of hivemind's ``GlobalTrainingProgress`` that the loop reads, as gossip estimates them."""
-
-    epoch: int
-    samples_accumulated: int  # swarm samples counted into ``epoch`` so far
-    target_batch_size: int
-    num_peers: int  # live peers of the run, this one included
-
-
-class GossipTracker:
-    """The slice of hivemind's ProgressTracker the loop reads."""
-
-    def __init__(self, opt: GossipOptimizer) -> None:
-        self._opt = opt
-
-    @property
-    def global_progress(self) -> GossipProgress:
-        opt = self._opt
-        partial = max(0, int(opt.swarm_samples) - opt.local_epoch * opt.target_batch_size)
-        return GossipProgress(opt.local_epoch, partial, opt.target_batch_size, opt.peers_with_progress() + 1)
-
-    @property
-    def ready_to_update_epoch(self) -> bool:
-        """True before the step that starts a round: the loop then refreshes the BatchNorm statistics it shares."""
-        return self._opt.round_due(self._opt.local_steps + 1)
-
-
-class GossipOptimizer:
-    """Local SGD whose parameters (and extra tensors) are averaged with groups of peers in the background.
-
-    Offers ``TrainingOptimizer`` plus the methods ``swarm.py``'s helpers call:
-    ``scheduler``, ``current_lr()``, ``peers_with_progress()``,
-    ``load_state_from_peers()`` and ``announce_epoch()``.
-    """
+class GossipStrategy:
+    """Local SGD whose parameters (and extra tensors) are averaged with groups of peers in the background."""
 
     def __init__(self, *, dht: hivemind.DHT, prefix: str, params: Sequence[nn.Parameter],
                  extra_tensors: Sequence[torch.Tensor], spec: RunSpec, batch_size: int,
@@ -203,7 +139,6 @@ class GossipOptimizer:
                                    weight_decay=spec.optimizer.weight_decay)
         # Put at local_epoch whenever it moves: milestones are in global steps as in collaborative mode.
         self.scheduler: Scheduler = self.schedule.scheduler(self.opt)
-        self.tracker = GossipTracker(self)
         self.local_steps = 0
         self.swarm_samples = 0.0
         self._epoch = 0
@@ -217,7 +152,7 @@ class GossipOptimizer:
         self._lock = threading.Lock()
         self._round: _Round | None = None
         # hivemind's matchmaking can deadlock when a leader's answer may take longer than
-        # the matchmaking window (see swarm.build_optimizer).
+        # the matchmaking window (see collaborative.build).
         self.request_timeout = min(DEFAULT_REQUEST_TIMEOUT_S, 0.75 * spec.averaging.matchmaking_time)
         # Matchmaking itself waits matchmaking_time; give a late partner the leader's answer time on top.
         self.give_up_s = 2 * spec.averaging.matchmaking_time + self.request_timeout
@@ -241,13 +176,21 @@ class GossipOptimizer:
         self._peers_read_at = time.monotonic()
         self.announce_epoch()
 
-    # --- the loop's surface -------------------------------------------------------------
+    # --- the Strategy protocol -----------------------------------------------------------
 
     @property
     def local_epoch(self) -> int:
         return self._epoch
 
-    def step(self, batch_size: int | None = None, grad_scaler: torch.amp.GradScaler | None = None) -> None:
+    def progress(self) -> float:
+        partial = max(0, int(self.swarm_samples) - self._epoch * self.target_batch_size)
+        return self._epoch + min(1.0, partial / self.target_batch_size)
+
+    def will_average(self) -> bool:
+        """True before the step that starts a round: the loop then refreshes the BatchNorm statistics it shares."""
+        return self.round_due(self.local_steps + 1)
+
+    def step(self, grad_scaler: torch.amp.GradScaler | None = None) -> None:
         """One local SGD step; may land a finished round and start the next one."""
         with self._lock:
             if grad_scaler is None:
@@ -255,19 +198,17 @@ class GossipOptimizer:
             else:
                 _scaled_step(grad_scaler, self.opt)
         self.local_steps += 1
-        self.swarm_samples += (batch_size or self.batch_size) * self._peers
+        self.swarm_samples += self.batch_size * self._peers
         self._poll_round()
         self._poll_peer_count()
         if self.round_due(self.local_steps):
             self._begin_round()
         self._advance_epoch()
+        self.opt.zero_grad(set_to_none=True)
 
     def round_due(self, step: int) -> bool:
         """A round starts ``average_every_steps`` after the previous one began, or as soon as that one ended."""
         return self._round is None and step >= self._next_round_step
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.opt.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
         return {"sgd": self.opt.state_dict(), "local_epoch": self._epoch, "swarm_samples": self.swarm_samples,
@@ -298,14 +239,15 @@ class GossipOptimizer:
                 log.debug("gossip: the last round ended with %s", type(exc).__name__)
         self.averager.shutdown()
 
-    # --- what swarm.py's helpers ask ----------------------------------------------------
-
     def current_lr(self) -> float:
         return float(self.opt.param_groups[0]["lr"])
 
     def peers_with_progress(self) -> int:
         """Other live peers of this run (their averagers' DHT records, read at construction)."""
         return self._peers - 1
+
+    def live_peers(self) -> int:
+        return self.peers_with_progress() + 1
 
     def announce_epoch(self) -> None:
         """Offer our state to newcomers with our epoch as priority (the most advanced peer serves first)."""
@@ -456,8 +398,8 @@ def _scaled_step(scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer) -> No
 
 
 def build(launch: TrainerLaunch, dht: hivemind.DHT, model: nn.Module,
-          extra_tensors: list[torch.Tensor]) -> GossipOptimizer:
-    """The gossip optimizer for ``launch``'s run; ``model`` must already hold its resumed weights."""
-    return GossipOptimizer(dht=dht, prefix=averager_prefix(launch.run_id), params=list(model.parameters()),
-                           extra_tensors=extra_tensors, spec=launch.spec, batch_size=launch.host.batch_size,
-                           peer_record_ttl_s=launch.metadata_expiration_s)
+          extra_tensors: list[torch.Tensor]) -> GossipStrategy:
+    """The gossip strategy for ``launch``'s run; ``model`` must already hold its resumed weights."""
+    return GossipStrategy(dht=dht, prefix=averager_prefix(launch.run_id), params=list(model.parameters()),
+                          extra_tensors=extra_tensors, spec=launch.spec, batch_size=launch.host.batch_size,
+                          peer_record_ttl_s=launch.metadata_expiration_s)
