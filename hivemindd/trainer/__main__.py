@@ -25,10 +25,7 @@ from hivemindd.trainer.events import EventWriter
 from hivemindd.wire.launch import TrainerLaunch
 from hivemindd.wire.logformat import HIVEMIND_LEVEL_VARIABLE, IsoFormatter, hivemind_level, route_hivemind_logs
 from hivemindd.wire.spec import SpecError
-
-EXIT_OK = 0
-EXIT_CRASH = 1
-EXIT_CONFIG = 2
+from hivemindd.wire.states import TrainerExit
 
 log = logging.getLogger("hivemindd.trainer")
 
@@ -95,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         events = EventWriter(args.events_fd)
     except OSError as exc:
         log.error("--events-fd %s is not an open file descriptor (%s)", args.events_fd, exc.strerror)
-        return EXIT_CONFIG
+        return TrainerExit.CONFIG
     try:
         launch = read_launch(args.launch)
         read_policy.install(read_policy.for_launch(launch))  # before anything the spec names is opened
@@ -106,16 +103,16 @@ def main(argv: list[str] | None = None) -> int:
 
         route_hivemind_logs(os.environ[HIVEMIND_LEVEL_VARIABLE], use_hivemind_log_handler)
         run(launch, events, stop)
-        return EXIT_OK
+        return TrainerExit.OK
     except ConfigError as exc:
         log.error("%s", exc)
         events.error(str(exc))
-        return EXIT_CONFIG
+        return TrainerExit.CONFIG
     except Exception as exc:
         lines = str(exc).strip().splitlines()
         events.error(f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__)
         traceback.print_exc()
-        return EXIT_CRASH
+        return TrainerExit.CRASH
 
 
 def exit_promptly(code: int, grace_s: float = 15.0) -> None:

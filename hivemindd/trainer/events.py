@@ -14,6 +14,9 @@ import math
 import os
 from typing import Any, Literal
 
+from hivemindd.wire.states import TrainerEvent
+from hivemindd.wire.states import TrainerEvent as E
+
 log = logging.getLogger(__name__)
 
 ResumeSource = Literal["checkpoint", "peers", "fresh"]
@@ -30,44 +33,44 @@ class EventWriter:
             os.set_inheritable(fd, False)
 
     def started(self, peer_id: str, pid: int, maddrs: list[str]) -> None:
-        self.emit("started", peer_id=peer_id, pid=pid, maddrs=maddrs)
+        self.emit(E.STARTED, peer_id=peer_id, pid=pid, maddrs=maddrs)
 
     def resumed(self, source: ResumeSource, step: int, epoch: int) -> None:
-        self.emit("resumed", source=source, step=step, epoch=epoch)
+        self.emit(E.RESUMED, source=source, step=step, epoch=epoch)
 
     def progress(self, step: int, epoch: int, loss: float, samples_per_s: float, lr: float, samples: int,
                  shards_failed: int = 0, swarm_peers: int | None = None) -> None:
         """``shards_failed``: data shards skipped as unreadable since this trainer process started;
         ``swarm_peers``: the run's peers this trainer accumulates with, itself included."""
         # JSON has no NaN: a diverged loss is sent as null rather than breaking strict readers.
-        self.emit("progress", step=step, epoch=epoch, loss=loss if math.isfinite(loss) else None,
+        self.emit(E.PROGRESS, step=step, epoch=epoch, loss=loss if math.isfinite(loss) else None,
                   samples_per_s=samples_per_s, lr=lr, samples=samples, shards_failed=shards_failed,
                   swarm_peers=swarm_peers)
 
     def checkpoint(self, step: int, epoch: int, path: str) -> None:
-        self.emit("checkpoint", step=step, epoch=epoch, path=path)
+        self.emit(E.CHECKPOINT, step=step, epoch=epoch, path=path)
 
     def validation(self, step: int, epoch: int, val_loss: float, val_top1: float, val_top5: float,
                    best_top1: float, samples: int) -> None:
         """Scores of one validation pass (accuracies in 0..1); ``best_top1`` includes this pass."""
-        self.emit("validation", step=step, epoch=epoch, val_loss=val_loss if math.isfinite(val_loss) else None,
+        self.emit(E.VALIDATION, step=step, epoch=epoch, val_loss=val_loss if math.isfinite(val_loss) else None,
                   val_top1=val_top1, val_top5=val_top5, best_top1=best_top1, samples=samples)
 
     def warning(self, kind: str, message: str) -> None:
         """Something the owner should know that training survives (``kind``: checkpoint_corrupt, checkpoint_failed)."""
-        self.emit("warning", kind=kind, message=message)
+        self.emit(E.WARNING, kind=kind, message=message)
 
     def finished(self, step: int, epoch: int, dataset_epoch: float, path: str) -> None:
         """The run reached ``[run] max_epochs``; ``path`` is final.pt. The trainer exits 0 next and must not be restarted."""
-        self.emit("finished", step=step, epoch=epoch, dataset_epoch=dataset_epoch, path=path)
+        self.emit(E.FINISHED, step=step, epoch=epoch, dataset_epoch=dataset_epoch, path=path)
 
     def error(self, message: str) -> None:
-        self.emit("error", message=message)
+        self.emit(E.ERROR, message=message)
 
     def stopped(self, step: int, checkpoint_step: int) -> None:
-        self.emit("stopped", step=step, checkpoint_step=checkpoint_step)
+        self.emit(E.STOPPED, step=step, checkpoint_step=checkpoint_step)
 
-    def emit(self, type_: str, **fields: Any) -> None:
+    def emit(self, type_: TrainerEvent, **fields: Any) -> None:
         """Write one event line; never raises because the reader is gone."""
         if self._fd is None:
             return
