@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.dirs import short_dir
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -30,9 +30,8 @@ def no_implicit_event_loop() -> None:
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A temp dir with a short path (p2pd's unix sockets and our own paths stay well under 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="hmt-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with short_dir() as path:
+        yield path
 
 
 @pytest.fixture(scope="session")
@@ -40,10 +39,9 @@ def demo_cache() -> Iterator[Path]:
     """A cache dir holding the generated demo shards, made once per test session."""
     from hivemindd.trainer.demo_data import ensure_demo_shards
 
-    path = Path(tempfile.mkdtemp(prefix="hmt-cache-", dir="/tmp"))
-    ensure_demo_shards(path)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with short_dir("hmt-cache-") as path:
+        ensure_demo_shards(path)
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +71,9 @@ def gcs(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     """A running fake-gcs-server with the bucket ``test-bucket``; STORAGE_EMULATOR_HOST points at it."""
     from tests.gcs_emulator import GcsEmulator
 
-    root = Path(tempfile.mkdtemp(prefix="hmt-gcs-", dir="/tmp"))
-    emulator = GcsEmulator(root).start()
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
-    emulator.create_bucket("test-bucket")
-    yield emulator
-    emulator.stop()
-    shutil.rmtree(root, ignore_errors=True)
+    with short_dir("hmt-gcs-") as root:
+        emulator = GcsEmulator(root).start()
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
+        emulator.create_bucket("test-bucket")
+        yield emulator
+        emulator.stop()
