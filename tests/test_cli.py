@@ -141,36 +141,25 @@ class _FakeDaemon:
         self._server.close()
 
 
-def _short_dir() -> Path:
-    import tempfile
-
-    return Path(tempfile.mkdtemp(prefix="hmc-", dir="/tmp"))
-
-
-def test_state_dir_flag_finds_the_daemons_socket() -> None:
-    import shutil
-
-    root = _short_dir()
+def test_state_dir_flag_finds_the_daemons_socket(short_tmp: Path) -> None:
+    root = short_tmp  # the socket path must stay short
+    (root / "state").mkdir()
+    daemon = _FakeDaemon(root / "state" / "hivemindd.sock")
     try:
-        (root / "state").mkdir()
-        daemon = _FakeDaemon(root / "state" / "hivemindd.sock")
-        try:
-            result = CliRunner().invoke(main, ["--state-dir", str(root / "state"), "peers", "--json"])
-            assert result.exit_code == 0, result.output
-            assert result.output.strip() == "[]"
-            # The flag beats the environment, whichever variable it is; --socket beats --state-dir.
-            env = {"HIVEMINDD_SOCKET": str(root / "other.sock"), "HIVEMINDD_STATE_DIR": str(root / "other")}
-            result = CliRunner().invoke(main, ["--state-dir", str(root / "state"), "peers", "--json"], env=env)
-            assert result.exit_code == 0, result.output
-            result = CliRunner().invoke(main, ["--state-dir", str(root / "state"), "--socket", str(root / "x.sock"),
-                                               "peers"])
-            assert result.exit_code == EX_UNAVAILABLE and "x.sock" in result.output
-            result = CliRunner().invoke(main, ["peers", "--json"], env={"HIVEMINDD_STATE_DIR": str(root / "state")})
-            assert result.exit_code == 0 and result.output.strip() == "[]", result.output
-        finally:
-            daemon.close()
+        result = CliRunner().invoke(main, ["--state-dir", str(root / "state"), "peers", "--json"])
+        assert result.exit_code == 0, result.output
+        assert result.output.strip() == "[]"
+        # The flag beats the environment, whichever variable it is; --socket beats --state-dir.
+        env = {"HIVEMINDD_SOCKET": str(root / "other.sock"), "HIVEMINDD_STATE_DIR": str(root / "other")}
+        result = CliRunner().invoke(main, ["--state-dir", str(root / "state"), "peers", "--json"], env=env)
+        assert result.exit_code == 0, result.output
+        result = CliRunner().invoke(main, ["--state-dir", str(root / "state"), "--socket", str(root / "x.sock"),
+                                           "peers"])
+        assert result.exit_code == EX_UNAVAILABLE and "x.sock" in result.output
+        result = CliRunner().invoke(main, ["peers", "--json"], env={"HIVEMINDD_STATE_DIR": str(root / "state")})
+        assert result.exit_code == 0 and result.output.strip() == "[]", result.output
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        daemon.close()
 
 
 def test_help_names_the_state_dir_flag_and_its_variable() -> None:

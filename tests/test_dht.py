@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 
 from hivemindd.host.dht import MAX_DIAL_ADDRS, HostDHT, dial_addresses, peer_id_of_owner
 from hivemindd.host.swarm_view import ProgressRecord, SwarmView, swarm_key
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -166,10 +167,7 @@ def test_a_flood_of_concurrent_calls_leaves_the_dht_alive(nodes: list[HostDHT]) 
 def test_a_dead_dht_is_restarted_and_a_dead_one_still_stops(nodes: list[HostDHT]) -> None:
     a, _ = nodes
     os.kill(a._dht.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while a.alive and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not a.alive
+    wait_until(lambda: not a.alive, 30, "the killed DHT process to be seen dead", interval=0.1)
     assert a.restart_if_dead() and a.alive and a.restarts == 1 and a.last_death
     assert a.peer_id in asyncio.run(_published_and_read(a))  # the new node works
     os.kill(a._dht.pid, signal.SIGKILL)

@@ -19,7 +19,7 @@ from click.testing import CliRunner, Result
 from hivemindd.daemon import main
 from hivemindd.service.install import spec_for_this_machine
 from hivemindd.service.units import MARKER, PACKAGED_COMMAND, render, shipped_files
-from tests.e2e.conftest import REPO
+from tests.support.repo import REPO
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 needs_systemd_analyze = pytest.mark.skipif(

@@ -14,19 +14,13 @@ from PIL import Image
 
 from hivemindd.trainer.metrics import TRAINING_COLUMNS, CsvLog, RateMeter, SystemStats
 from hivemindd.trainer.transforms import IMAGENET_MEAN, IMAGENET_STD, DeviceNormalizer, Prefetcher, train_transform, val_transform
-
-
-def wait_until(condition: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
+from tests.support.waiting import wait_until
 
 
 def test_prefetcher_yields_everything_in_order_then_stops() -> None:
     with Prefetcher(iter(range(10)), depth=2) as items:
         assert list(items) == list(range(10))
-        wait_until(lambda: not items.alive)
+        wait_until(lambda: not items.alive, 30, "the prefetch thread to end", interval=0.01)
 
 
 def test_prefetcher_reraises_the_producers_error_after_the_items_before_it() -> None:
@@ -41,7 +35,7 @@ def test_prefetcher_reraises_the_producers_error_after_the_items_before_it() -> 
         next(items)
     with pytest.raises(StopIteration):
         next(items)
-    wait_until(lambda: not items.alive)
+    wait_until(lambda: not items.alive, 30, "the prefetch thread to end", interval=0.01)
 
 
 def test_close_stops_a_producer_blocked_on_a_full_queue() -> None:
@@ -56,7 +50,7 @@ def test_close_stops_a_producer_blocked_on_a_full_queue() -> None:
 
     items = Prefetcher(endless(), depth=2)
     assert next(items) == 0
-    wait_until(lambda: len(produced) >= 3)  # the queue is full; the thread waits to put
+    wait_until(lambda: len(produced) >= 3, 30, "three items produced", interval=0.01)  # the queue is full; the thread waits to put
     items.close()
     assert not items.alive  # the thread is gone: nothing more is produced
     with pytest.raises(StopIteration):
@@ -75,7 +69,8 @@ def test_close_does_not_hang_on_a_producer_stuck_in_its_source() -> None:
     items.close()
     assert time.monotonic() - started < 5
     release.set()
-    wait_until(lambda: not items.alive)  # it notices the close once its source returns
+    # It notices the close once its source returns.
+    wait_until(lambda: not items.alive, 30, "the prefetch thread to end after the close", interval=0.01)
 
 
 def test_transforms_give_uint8_and_the_device_normalises() -> None:
@@ -129,7 +124,8 @@ def test_rate_meter_and_system_stats(tmp_path: Path) -> None:
     assert meter.add(10, now=1.0) == pytest.approx(10.0)
     assert meter.add(30, now=2.0) == pytest.approx(20.0)
     stats = SystemStats(tmp_path / "system_stats.csv", interval_s=0.05).start()
-    wait_until(lambda: len((tmp_path / "system_stats.csv").read_text().splitlines()) >= 3)
+    wait_until(lambda: len((tmp_path / "system_stats.csv").read_text().splitlines()) >= 3, 30, "two rows of system stats",
+               interval=0.01)
     stats.stop()
     with open(tmp_path / "system_stats.csv", newline="") as f:
         rows = list(csv.DictReader(f))
