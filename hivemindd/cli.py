@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from hivemindd.hmctl.commands import main
-from hivemindd.tools.dataset_pack import dataset
+from hivemindd.tools.dataset_pack.command import dataset
 
 main.add_command(dataset)
 

@@ -305,11 +305,11 @@ def test_shards_without_a_manifest_are_adopted_only_when_they_hold_this_packs_sa
 
 
 def test_an_interrupted_pack_resumes_from_its_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hivemindd.tools.dataset_pack as dataset_pack
+    from hivemindd.tools.dataset_pack import shards
 
     _folders(tmp_path / "myimages", {"train": 6})
     src, dest = tmp_path / "myimages" / "train", tmp_path / "packed"
-    real, calls = dataset_pack.write_shard, []
+    real, calls = shards.write_shard, []
 
     def dies_on_the_third(path: Path, shard: Any, source: Any) -> None:
         calls.append(path)
@@ -317,14 +317,14 @@ def test_an_interrupted_pack_resumes_from_its_manifest(tmp_path: Path, monkeypat
             raise KeyboardInterrupt  # as if ^C while the third shard is written
         real(path, shard, source)
 
-    monkeypatch.setattr(dataset_pack, "write_shard", dies_on_the_third)
+    monkeypatch.setattr(shards, "write_shard", dies_on_the_third)
     interrupted = CliRunner().invoke(main, ["dataset", "pack", str(src), str(dest), "--shard-size", "2"])
     assert interrupted.exit_code != 0
     manifest = json.loads((dest / "train.manifest.json").read_text())
     assert manifest["complete"] is False and len(manifest["shards"]) == 6
     assert sorted(p.name for p in dest.glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
     done = _snapshot(dest, "train-*.tar")
-    monkeypatch.setattr(dataset_pack, "write_shard", real)
+    monkeypatch.setattr(shards, "write_shard", real)
     resumed = _pack(str(src), str(dest), "--shard-size", "2")
     assert (resumed["written"], resumed["skipped"]) == (4, 2)
     assert {k: v for k, v in _snapshot(dest, "train-*.tar").items() if k in done} == done
