@@ -11,6 +11,7 @@ from hivemindd.host.state import DesiredState, StatePaths
 from hivemindd.host.swarm_view import ProgressRecord, SwarmView
 from hivemindd.wire.launch import HostSettings
 from hivemindd.wire.spec import parse_toml
+from hivemindd.wire.status import TrainerStatus
 
 
 class FakeAgent:
@@ -36,8 +37,8 @@ class FakeSupervisor:
     def __init__(self, snapshot: dict[str, Any]) -> None:
         self._snapshot = snapshot
 
-    def snapshot(self) -> dict[str, Any]:
-        return dict(self._snapshot)
+    def snapshot(self) -> TrainerStatus:
+        return TrainerStatus.from_dict(self._snapshot)
 
     def error_lines(self) -> list[str]:
         return []

@@ -178,7 +178,7 @@ def test_after_checkpoint_pause_waits_for_the_checkpoint(tmp_path: Path) -> None
         assert sup.state is S.RUNNING and spawner.handles[0].signals == []  # still training
         spawner.on_event({"type": "checkpoint", "step": 5})
         await until(lambda: sup.state is S.PAUSED)
-        assert spawner.handles[0].signals == ["TERM"] and sup.snapshot()["checkpoint_step"] == 5
+        assert spawner.handles[0].signals == ["TERM"] and sup.snapshot().checkpoint_step == 5
 
     assert pausing_supervisor(tmp_path, test) == [PauseChange.TOOK_EFFECT]
 

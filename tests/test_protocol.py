@@ -48,3 +48,29 @@ def test_log_query_validation(query: dict, error: str) -> None:  # type: ignore[
     with pytest.raises(RequestError, match=error):
         parse_log_query(query)
     assert parse_log_query({"n": "5", "after": "10"}) == (5, 10)
+
+
+def test_the_status_types_and_the_openapi_document_name_the_same_fields() -> None:
+    """wire/status.py is the status contract; openapi.yaml describes it for other clients: the two never drift."""
+    import dataclasses
+
+    from hivemindd.wire.states import TrainerState
+    from hivemindd.wire.status import DhtStatus, DiscoveryStatus, HostStatus, TrainerStatus
+
+    schemas = OPENAPI["components"]["schemas"]
+    status = schemas["Status"]["properties"]
+    for cls, documented in ((HostStatus, status), (TrainerStatus, schemas["Trainer"]["properties"]),
+                            (DiscoveryStatus, status["discovery"]["properties"]), (DhtStatus, status["dht"]["properties"])):
+        assert {f.name for f in dataclasses.fields(cls)} == set(documented), cls.__name__
+    assert schemas["Trainer"]["properties"]["state"]["enum"] == [s.value for s in TrainerState]
+
+
+def test_status_readers_tolerate_newer_and_older_daemons() -> None:
+    from hivemindd.wire.status import HostStatus
+
+    newer = {"run_id": "r", "trainer": {"state": "running", "epoch": 3, "from_the_future": 1}, "extra": [1]}
+    status = HostStatus.from_dict(newer)
+    assert status.run_id == "r" and status.trainer.epoch == 3 and status.trainer.step is None
+    assert status.discovery.state == "starting" and status.dht.alive  # an older daemon sent no such parts
+    assert HostStatus.from_dict(status.to_dict()) == status
+    assert HostStatus.from_dict("not a status") == HostStatus()

@@ -19,8 +19,8 @@ def test_a_finished_run_is_not_restarted_until_the_owner_rejoins(tmp_path: Path)
         spawner.handles[0].finish(0)
         await until(lambda: sup.state is S.STOPPED)
         snap = sup.snapshot()
-        assert snap["finished"] == "/r/final.pt" and snap["last_warning"] == "latest.pt: unreadable"
-        assert snap["restarts"] == 0 and snap["last_exit_code"] == 0 and snap["retry_in_s"] is None
+        assert snap.finished == "/r/final.pt" and snap.last_warning == "latest.pt: unreadable"
+        assert snap.restarts == 0 and snap.last_exit_code == 0 and snap.retry_in_s is None
         sup.want("demo", launch, paused=False)  # the reconciler repeating itself changes nothing
         await until(lambda: sup.state is S.STOPPED)
         assert len(spawner.handles) == 1

@@ -125,14 +125,14 @@ def test_start_ready_crash_restart_pause_resume_leave(tmp_path: Path) -> None:
         await until(lambda: sup.state is S.STARTING)
         spawner.on_event({"type": "started", "peer_id": "Qm1"})
         spawner.on_event({"type": "progress", "step": 7, "epoch": 1, "loss": 2.0, "shards_failed": 2})
-        assert sup.state is S.RUNNING and sup.snapshot()["step"] == 7 and sup.snapshot()["shards_failed"] == 2
+        assert sup.state is S.RUNNING and sup.snapshot().step == 7 and sup.snapshot().shards_failed == 2
         spawner.handles[0].finish(-9)  # killed from outside
         await until(lambda: len(spawner.handles) == 2)
         assert sup.restarts == 1 and sup.state is S.STARTING
-        assert sup.snapshot()["step"] is None  # the dead process's progress is not the new one's (issue 10)
+        assert sup.snapshot().step is None  # the dead process's progress is not the new one's (issue 10)
         sup.want("demo", launch, paused=True, user_action=True)
         await until(lambda: sup.state is S.PAUSED)
-        assert spawner.handles[1].signals == ["TERM"] and sup.snapshot()["pid"] is None
+        assert spawner.handles[1].signals == ["TERM"] and sup.snapshot().pid is None
         sup.want("demo", launch, paused=False, user_action=True)
         await until(lambda: len(spawner.handles) == 3)
         assert sup.restarts == 1  # resuming is not a restart
@@ -151,7 +151,7 @@ def test_repeated_failures_park_in_crashloop_then_retry_after_cooldown(tmp_path:
             spawner.handles[-1].finish(1)
         await until(lambda: sup.state is S.CRASHLOOP)
         snap = sup.snapshot()
-        assert snap["last_error"] == "CUDA requested on a CPU host" and snap["retry_in_s"] is not None
+        assert snap.last_error == "CUDA requested on a CPU host" and snap.retry_in_s is not None
         assert any("crashloop" in line for line in sup.error_lines())
         await until(lambda: len(spawner.handles) == 4, timeout=5)  # retried after the cooldown
     with_supervisor(scenario, tmp_path, crashloop_failures=3)
@@ -164,10 +164,10 @@ def test_trainers_killed_after_steps_of_their_own_are_never_parked(tmp_path: Pat
         for n in range(1, 6):
             await until(lambda n=n: len(spawner.handles) == n)  # type: ignore[misc]
             spawner.on_event({"type": "started", "peer_id": "Qm1"})
-            assert sup.snapshot()["run_steps"] == 0  # a new process: no steps of its own yet
+            assert sup.snapshot().run_steps == 0  # a new process: no steps of its own yet
             spawner.on_event({"type": "resumed", "source": "checkpoint", "step": 10, "epoch": 1})
             spawner.on_event({"type": "progress", "step": 13, "epoch": 1})
-            assert sup.snapshot()["run_steps"] == 3
+            assert sup.snapshot().run_steps == 3
             spawner.handles[-1].finish(-9)
         await until(lambda: len(spawner.handles) == 6)
         assert sup.state is S.STARTING and sup.restarts == 5
@@ -215,8 +215,8 @@ def test_a_silent_trainer_is_killed_restarted_and_reported(tmp_path: Path) -> No
         await until(lambda: len(spawner.handles) == 2)  # then silence: killed and restarted
         assert spawner.handles[0].signals == ["KILL"]
         # Why it was restarted, as the previous attempt's error (issue 10: errors belong to an attempt).
-        assert sup.restarts == 1 and "hung" in (sup.snapshot()["previous_error"] or "")
-        assert sup.snapshot()["last_error"] is None
+        assert sup.restarts == 1 and "hung" in (sup.snapshot().previous_error or "")
+        assert sup.snapshot().last_error is None
         assert any("sent nothing for" in line for line in sup._log.tail(20))  # in the trainer log, for hmctl logs
     with_supervisor(scenario, tmp_path, hang_timeout_s=0.25)
 
@@ -273,17 +273,17 @@ def test_progress_errors_and_warnings_belong_to_one_run_and_one_attempt(tmp_path
         old_events({"type": "error", "message": "FileNotFoundError: shard gone"})
         sup.want("new", launch, paused=False, user_action=True)  # join another run while it stops
         snap = sup.snapshot()
-        assert (snap["step"], snap["epoch"], snap["loss"], snap["checkpoint_step"]) == (None, None, None, None)
-        assert snap["last_warning"] is None and snap["last_error"] is None and snap["trainer_peer_id"] is None
+        assert (snap.step, snap.epoch, snap.loss, snap.checkpoint_step) == (None, None, None, None)
+        assert snap.last_warning is None and snap.last_error is None and snap.trainer_peer_id is None
         spawner.handles[0].finish(-9)
         await until(lambda: len(spawner.handles) == 2)
         old_events({"type": "progress", "step": 1689, "epoch": 161, "loss": 0.1})  # a late line from the old pipe
         snap = sup.snapshot()
-        assert snap["step"] is None and snap["epoch"] is None and snap["last_exit_code"] is None
+        assert snap.step is None and snap.epoch is None and snap.last_exit_code is None
         spawner.on_event({"type": "started", "peer_id": "QmNew"})
         spawner.on_event({"type": "resumed", "source": "fresh", "step": 0, "epoch": 0})
         spawner.on_event({"type": "progress", "step": 3, "epoch": 0, "loss": 2.3})
-        assert (sup.snapshot()["step"], sup.snapshot()["trainer_peer_id"]) == (3, "QmNew")
+        assert (sup.snapshot().step, sup.snapshot().trainer_peer_id) == (3, "QmNew")
 
         # Within one run, a new attempt starts clean too; the checkpoint on disk is the run's and stays.
         spawner.on_event({"type": "checkpoint", "step": 3})
@@ -293,14 +293,14 @@ def test_progress_errors_and_warnings_belong_to_one_run_and_one_attempt(tmp_path
         await until(lambda: sup.state is S.BACKOFF or len(spawner.handles) == 3)
         await until(lambda: len(spawner.handles) == 3)
         snap = sup.snapshot()
-        assert snap["step"] is None and snap["loss"] is None and snap["last_warning"] is None
-        assert snap["last_error"] is None and snap["checkpoint_step"] == 3
-        assert snap["previous_error"] == "RuntimeError: CUDA error"  # labelled as the attempt before this one
+        assert snap.step is None and snap.loss is None and snap.last_warning is None
+        assert snap.last_error is None and snap.checkpoint_step == 3
+        assert snap.previous_error == "RuntimeError: CUDA error"  # labelled as the attempt before this one
         spawner.handles[2].finish(1)  # dies without a word: its own exit code, not the last attempt's message
         await until(lambda: sup.state is S.BACKOFF)
-        assert sup.snapshot()["last_error"] == "trainer exited with code 1"
+        assert sup.snapshot().last_error == "trainer exited with code 1"
         sup.want("other", launch, paused=False, user_action=True)
-        assert sup.snapshot()["previous_error"] is None and sup.snapshot()["last_error"] is None
+        assert sup.snapshot().previous_error is None and sup.snapshot().last_error is None
     with_supervisor(scenario, tmp_path)
 
 

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from hivemindd.wire.protocol import format_duration
+from hivemindd.wire.status import HostStatus
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -62,45 +63,48 @@ def render_swarm(view: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def render_status(st: dict[str, Any]) -> str:
-    st = printable(st)
-    t = st["trainer"]
-    d = st["discovery"]
-    lines = [f"peer      {st['peer_id']}  ({st['hostname']}, hivemindd {st['version']})"]
-    if st["run_id"] is None:
+def render_status(raw: dict[str, Any]) -> str:
+    """``hmctl status``: the control API's status answer for a person."""
+    st = HostStatus.from_dict(printable(raw))
+    t, d = st.trainer, st.discovery
+    lines = [f"peer      {st.peer_id}  ({st.hostname}, hivemindd {st.version})"]
+    if st.run_id is None:
         lines.append("run       not joined (hmctl join --run-id ID [--spec FILE.toml])")
     else:
-        host = st.get("host") or {}
-        lines.append(f"run       {st['run_id']}{'  [paused]' if st['paused'] else ''}  "
+        host = st.host or {}
+        lines.append(f"run       {st.run_id}{'  [paused]' if st.paused else ''}  "
                      f"(device {host.get('device')}, batch {host.get('batch_size')}, workers {host.get('workers')})")
-        if st["paused"]:
-            lines.append(f"pause     {describe_pause(st.get('pause'))}")
-        since = f"for {duration(t['since_s'])}"
-        extra = f"  retry in {duration(t['retry_in_s'])}" if t.get("retry_in_s") is not None else ""
-        pid = f"  pid {t['pid']}" if t.get("pid") else ""
-        lines.append(f"trainer   {t['state']} {since}{pid}  restarts {t['restarts']}{extra}")
-        if t.get("step") is not None:
-            loss = f"  loss {t['loss']:.4f}" if isinstance(t.get("loss"), (int, float)) else ""
-            sps = f"  {t['samples_per_s']:.1f} samples/s" if isinstance(t.get("samples_per_s"), (int, float)) else ""
-            dataset = f" (dataset epoch {t['dataset_epoch']:.2f})" if isinstance(t.get("dataset_epoch"), (int, float)) \
-                else ""
-            lines.append(f"progress  step {t['step']}  global step {_fmt(t.get('epoch'), 'd')}{dataset}{loss}{sps}  "
-                         f"checkpoint step {t.get('checkpoint_step')}")
-            if isinstance(t.get("swarm_peers"), int):
-                lines.append(f"swarm     averaging with {t['swarm_peers'] - 1} other peer(s)")
-            if t.get("shards_failed"):
-                lines.append(f"data      {t['shards_failed']} shard(s) could not be read and were skipped (hmctl logs)")
-        if t.get("last_error"):
-            lines.append(f"error     {t['last_error']}")
-        elif t.get("previous_error"):
-            lines.append(f"restarted after: {t['previous_error']}")
-        for line in t.get("error_lines") or []:
+        if st.paused:
+            lines.append(f"pause     {describe_pause(st.pause)}")
+        since = f"for {duration(t.since_s)}"
+        extra = f"  retry in {duration(t.retry_in_s)}" if t.retry_in_s is not None else ""
+        pid = f"  pid {t.pid}" if t.pid else ""
+        lines.append(f"trainer   {t.state} {since}{pid}  restarts {t.restarts}{extra}")
+        if t.step is not None:
+            loss = f"  loss {t.loss:.4f}" if _is_number(t.loss) else ""
+            sps = f"  {t.samples_per_s:.1f} samples/s" if _is_number(t.samples_per_s) else ""
+            dataset = f" (dataset epoch {t.dataset_epoch:.2f})" if _is_number(t.dataset_epoch) else ""
+            lines.append(f"progress  step {t.step}  global step {_fmt(t.epoch, 'd')}{dataset}{loss}{sps}  "
+                         f"checkpoint step {t.checkpoint_step}")
+            if isinstance(t.swarm_peers, int):
+                lines.append(f"swarm     averaging with {t.swarm_peers - 1} other peer(s)")
+            if t.shards_failed:
+                lines.append(f"data      {t.shards_failed} shard(s) could not be read and were skipped (hmctl logs)")
+        if t.last_error:
+            lines.append(f"error     {t.last_error}")
+        elif t.previous_error:
+            lines.append(f"restarted after: {t.previous_error}")
+        for line in t.error_lines or []:
             lines.append(f"  | {line}")
-    state = d["state"] + (f": {d['error']}" if d.get("error") else "")
-    lines.append(f"peers     {st['peers']} fresh  (discovery {d['url']}: {state})")
-    if st.get("http"):
-        lines.append(f"http      {st['http']['url']}  (bearer token in {st['http']['token_file']})")
+    state = d.state + (f": {d.error}" if d.error else "")
+    lines.append(f"peers     {st.peers} fresh  (discovery {d.url}: {state})")
+    if st.http:
+        lines.append(f"http      {st.http['url']}  (bearer token in {st.http['token_file']})")
     return "\n".join(lines)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def describe_pause(pause: dict[str, Any] | None, now: datetime | None = None) -> str:

@@ -7,6 +7,7 @@ say what to do next.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -26,6 +27,7 @@ from hivemindd.host.swarm_view import TRAINING, activity
 from hivemindd.wire.launch import HostSettings, check_device
 from hivemindd.wire.protocol import HistoryQuery, JoinRequest, LogQuery, PauseRequest, RequestError
 from hivemindd.wire.spec import RunSpec, SpecError, parse_json, parse_toml
+from hivemindd.wire.status import DhtStatus, DiscoveryStatus, HostStatus
 
 log = structlog.get_logger(__name__)
 
@@ -51,27 +53,31 @@ class HostControl:
         return self.reconciler.desired
 
     def status(self) -> dict[str, Any]:
-        trainer = self.supervisor.snapshot()
-        trainer["error_lines"] = self.supervisor.error_lines()
-        trainer["dataset_epoch"] = self._dataset_epoch(trainer.get("epoch"))
-        return {
-            "version": __version__,
-            "hostname": self.hostname,
-            "peer_id": self.dht.peer_id,
-            "maddrs": self.dht.maddrs,
-            "dht": {"alive": self.dht.alive, "restarts": self.dht.restarts, "last_death": self.dht.last_death},
-            "run_id": self.desired.run_id,
-            "paused": self.desired.paused,
-            "pause": self.desired.pause_status(time.time()),
-            "host": self.desired.host.to_dict() if self.desired.run_id else None,
-            "trainer": trainer,
-            "discovery": self.agent.status(),
-            "peers": len(self.agent.peers()),
-            "state_dir": str(self.paths.root),
-            "http": None if self.http_url is None else {"url": self.http_url, "token_file": str(self.paths.http_token)},
-        }
+        return self.snapshot().to_dict()
 
-    def _dataset_epoch(self, global_step: Any) -> float | None:
+    def snapshot(self) -> HostStatus:
+        """This host as ``GET /v1/status`` reports it."""
+        trainer = self.supervisor.snapshot()
+        trainer = dataclasses.replace(trainer, error_lines=self.supervisor.error_lines(),
+                                      dataset_epoch=self._dataset_epoch(trainer.epoch))
+        return HostStatus(
+            version=__version__,
+            hostname=self.hostname,
+            peer_id=self.dht.peer_id,
+            maddrs=list(self.dht.maddrs),
+            dht=DhtStatus(alive=self.dht.alive, restarts=self.dht.restarts, last_death=self.dht.last_death),
+            run_id=self.desired.run_id,
+            paused=self.desired.paused,
+            pause=self.desired.pause_status(time.time()),
+            host=self.desired.host.to_dict() if self.desired.run_id else None,
+            trainer=trainer,
+            discovery=DiscoveryStatus.from_dict(self.agent.status()),
+            peers=len(self.agent.peers()),
+            state_dir=str(self.paths.root),
+            http=None if self.http_url is None else {"url": self.http_url, "token_file": str(self.paths.http_token)},
+        )
+
+    def _dataset_epoch(self, global_step: int | None) -> float | None:
         """Passes over the training set that ``global_step`` swarm-wide optimizer steps make (milestones count these)."""
         if self.desired.run_id is None or not isinstance(global_step, int) or isinstance(global_step, bool):
             return None
@@ -97,8 +103,7 @@ class HostControl:
         return self.observer.history(query)
 
     def metrics(self) -> dict[str, Any]:
-        status = self.status()
-        return self.observer.metrics_snapshot(status, status["discovery"]["failures"])
+        return self.observer.metrics_snapshot(self.snapshot())
 
     async def predict(self, image: bytes, checkpoint: str, top: int) -> dict[str, Any]:
         return await self.observer.predict(image, checkpoint, top)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import Any
 
 import structlog
 from aiohttp import web
@@ -30,6 +29,8 @@ from hivemindd.host.reconciler import Reconciler
 from hivemindd.host.state import DesiredState, StateError, StatePaths, load_state
 from hivemindd.host.supervisor import PauseChange, RestartPolicy, Supervisor
 from hivemindd.host.swarm_view import SwarmView
+from hivemindd.wire.states import IDLE
+from hivemindd.wire.status import HostStatus, TrainerStatus
 
 log = structlog.get_logger(__name__)
 
@@ -176,10 +177,10 @@ class Daemon:
                 log.warning("dht.restarted", restarts=self.dht.restarts, maddrs=self.dht.maddrs)
                 self.agent.forget_dials()  # the new node knows nobody: dial everyone again
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> HostStatus:
         """The control API's status answer (sd_notify's STATUS line is made from it)."""
         assert self.control is not None
-        return self.control.status()
+        return self.control.snapshot()
 
     # --- callbacks of the parts ----------------------------------------------------------------
 
@@ -192,10 +193,10 @@ class Daemon:
         assert self.observer is not None
         return self.observer
 
-    def _trainer_view(self) -> tuple[str | None, dict[str, Any]]:
+    def _trainer_view(self) -> tuple[str | None, TrainerStatus]:
         assert self.supervisor is not None
         run_id = self.desired.run_id
-        return run_id, self.supervisor.snapshot() if run_id else {"state": "idle"}
+        return run_id, self.supervisor.snapshot() if run_id else TrainerStatus(state=IDLE)
 
     def _pause_changed(self, change: PauseChange) -> None:
         assert self.reconciler is not None

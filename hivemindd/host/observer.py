@@ -25,6 +25,8 @@ from hivemindd.host.state import StatePaths
 from hivemindd.host.swarm_view import ProgressRecord, SwarmView
 from hivemindd.wire.protocol import HistoryQuery, LogQuery, RequestError
 from hivemindd.wire.spec import RunSpec, SpecError, parse_json
+from hivemindd.wire.states import IDLE
+from hivemindd.wire.status import HostStatus, TrainerStatus
 
 log = structlog.get_logger(__name__)
 
@@ -38,7 +40,7 @@ class Observer:
     """Reads the daemon's state; ``describe`` gives (run_id, trainer snapshot) at call time."""
 
     def __init__(self, paths: StatePaths, hostname: str, peer_id: Callable[[], str],
-                 describe: Callable[[], tuple[str | None, dict[str, Any]]], swarm: SwarmView,
+                 describe: Callable[[], tuple[str | None, TrainerStatus]], swarm: SwarmView,
                  daemon_log: DaemonLogRing | None) -> None:
         self.paths = paths
         self.hostname = hostname
@@ -68,12 +70,12 @@ class Observer:
             device = (parameters.get("device") or {}).get("device") if isinstance(parameters.get("device"), dict) \
                 else None
         record = ProgressRecord(
-            peer_id=self._peer_id(), hostname=self.hostname, state=trainer.get("state") or "idle",
-            updated=time.time(), trainer_peer_id=trainer.get("trainer_peer_id"), step=_int(trainer.get("step")),
-            epoch=_int(trainer.get("epoch")), samples_per_s=_num(trainer.get("samples_per_s")),
-            loss=_num(trainer.get("loss")), lr=_num(trainer.get("lr")), val_top1=_num(val.get("val_top1")),
+            peer_id=self._peer_id(), hostname=self.hostname, state=trainer.state or IDLE,
+            updated=time.time(), trainer_peer_id=trainer.trainer_peer_id, step=_int(trainer.step),
+            epoch=_int(trainer.epoch), samples_per_s=_num(trainer.samples_per_s),
+            loss=_num(trainer.loss), lr=_num(trainer.lr), val_top1=_num(val.get("val_top1")),
             val_top5=_num(val.get("val_top5")), best_val_top1=_num(val.get("best_top1")),
-            device=device if isinstance(device, str) else None, restarts=int(trainer.get("restarts") or 0),
+            device=device if isinstance(device, str) else None, restarts=int(trainer.restarts or 0),
             version=__version__,
         )
         return run_id, record
@@ -110,13 +112,14 @@ class Observer:
         return {"run_id": run_id, "hostname": self.hostname, "now": round(time.time(), 3),
                 **self.run_history(run_id).snapshot(query.since, query.cursor)}
 
-    def metrics_snapshot(self, status: dict[str, Any], discovery_failures: int) -> dict[str, Any]:
-        run_id = status.get("run_id")
+    def metrics_snapshot(self, status: HostStatus) -> dict[str, Any]:
+        """What ``/metrics`` exports (api/metrics_export.py), from this host's status."""
+        run_id = status.run_id
         snap: dict[str, Any] = {
-            "run_id": run_id, "version": status.get("version"), "peer_id": status.get("peer_id"),
-            "hostname": status.get("hostname"), "trainer": status.get("trainer"), "paused": status.get("paused"),
-            "peers": status.get("peers"), "dht_alive": (status.get("dht") or {}).get("alive"),
-            "discovery_state": (status.get("discovery") or {}).get("state"), "discovery_failures": discovery_failures,
+            "run_id": run_id, "version": status.version, "peer_id": status.peer_id,
+            "hostname": status.hostname, "trainer": status.trainer.to_dict(), "paused": status.paused,
+            "peers": status.peers, "dht_alive": status.dht.alive,
+            "discovery_state": status.discovery.state, "discovery_failures": status.discovery.failures,
         }
         if run_id:
             val = self.run_history(run_id).latest_validation()

@@ -25,6 +25,7 @@ from hivemindd.host.process import Spawner, TrainerHandle
 from hivemindd.wire.launch import TrainerLaunch
 from hivemindd.wire.states import TrainerEvent as E
 from hivemindd.wire.states import TrainerExit, TrainerState
+from hivemindd.wire.status import TrainerStatus
 
 log = structlog.get_logger(__name__)
 
@@ -193,31 +194,33 @@ class Supervisor:
             self._retry_at = None
         self._changed.set()
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> TrainerStatus:
+        """Where the trainer is and what it last reported (status.trainer, less what the daemon adds)."""
         retry_in = None if self._retry_at is None else max(0.0, round(self._retry_at - self._clock(), 1))
-        return {
-            "state": self.state.value,
-            "pid": self._handle.pid if self._handle else None,
-            "restarts": self.restarts,
-            "since_s": round(self._clock() - self._since, 1),
-            "retry_in_s": retry_in if self.state in (S.BACKOFF, S.CRASHLOOP) else None,
-            "last_error": self.last_error,
-            "previous_error": self.previous_error,
-            "last_exit_code": self.last_exit_code,
-            "step": self.info.get("step"),
-            "epoch": self.info.get("epoch"),
-            "checkpoint_step": self.info.get("checkpoint_step"),
-            "run_steps": self.info.get("run_steps"),
-            "loss": self.info.get("loss"),
-            "samples_per_s": self.info.get("samples_per_s"),
-            "lr": self.info.get("lr"),
-            "shards_failed": self.info.get("shards_failed"),
-            "swarm_peers": self.info.get("swarm_peers"),  # peers it accumulates with, itself included
-            "resumed_from": self.info.get("resumed_from"),
-            "trainer_peer_id": self.info.get("peer_id"),
-            "last_warning": self.info.get("last_warning"),
-            "finished": self.info.get("finished"),  # final.pt of a run that reached [run] max_epochs
-        }
+        return TrainerStatus(
+            state=self.state.value,
+            pid=self._handle.pid if self._handle else None,
+            restarts=self.restarts,
+            since_s=round(self._clock() - self._since, 1),
+            retry_in_s=retry_in if self.state in (S.BACKOFF, S.CRASHLOOP) else None,
+            last_error=self.last_error,
+            previous_error=self.previous_error,
+            last_exit_code=self.last_exit_code,
+            step=self.info.get("step"),
+            epoch=self.info.get("epoch"),
+            checkpoint_step=self.info.get("checkpoint_step"),
+            run_steps=self.info.get("run_steps"),
+            loss=self.info.get("loss"),
+            samples_per_s=self.info.get("samples_per_s"),
+            lr=self.info.get("lr"),
+            samples=self.info.get("samples"),
+            shards_failed=self.info.get("shards_failed"),
+            swarm_peers=self.info.get("swarm_peers"),  # peers it accumulates with, itself included
+            resumed_from=self.info.get("resumed_from"),
+            trainer_peer_id=self.info.get("peer_id"),
+            last_warning=self.info.get("last_warning"),
+            finished=self.info.get("finished"),  # final.pt of a run that reached [run] max_epochs
+        )
 
     def error_lines(self, n: int = 20) -> list[str]:
         """The failed attempt's own last lines (its output and the daemon's notes on it), while it is down.

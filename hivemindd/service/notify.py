@@ -18,13 +18,13 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, MutableMapping
 from contextlib import suppress
-from typing import Any
 
 import structlog
 
 from hivemindd.wire.states import TrainerState
+from hivemindd.wire.status import HostStatus
 
 log = structlog.get_logger(__name__)
 
@@ -171,43 +171,31 @@ class ServiceHeartbeat:
             return "running"
 
 
-def status_line(status: Mapping[str, Any]) -> str:
+def status_line(status: HostStatus) -> str:
     """One line for ``systemctl status`` from the control API's status answer.
 
     Only values a person cares about at a glance, and nothing that changes every
     second (a retry countdown), so STATUS= goes out when something happened.
     """
-    run_id = status.get("run_id")
-    peers = status.get("peers") or 0
-    trainer = status.get("trainer") or {}
-    state = trainer.get("state")
+    run_id, peers, trainer = status.run_id, status.peers, status.trainer
+    state = trainer.state
     notes = []
-    if not (status.get("dht") or {}).get("alive", True):
+    if not status.dht.alive:
         notes.append("DHT down")
-    if (status.get("discovery") or {}).get("state") == "degraded":
+    if status.discovery.state == "degraded":
         notes.append("discovery degraded")
     suffix = f" ({', '.join(notes)})" if notes else ""
     if run_id is None:
         return f"idle, not joined{suffix}"
-    if status.get("paused") or state == TrainerState.PAUSED:
-        until = _pause_until(status)
-        return f"paused{' until ' + until if until else ''}, run {run_id}{suffix}"
+    if status.paused or state == TrainerState.PAUSED:
+        until = (status.pause or {}).get("until")
+        return f"paused{' until ' + str(until) if until else ''}, run {run_id}{suffix}"
     if state == TrainerState.CRASHLOOP:
-        error = str(trainer.get("last_error") or "trainer keeps failing").strip().splitlines()
+        error = str(trainer.last_error or "trainer keeps failing").strip().splitlines()
         return f"crashloop: {error[0] if error else 'trainer keeps failing'}"
     if state == TrainerState.BACKOFF:
-        return f"restarting {run_id} after a failure (restarts: {trainer.get('restarts', 0)}){suffix}"
+        return f"restarting {run_id} after a failure (restarts: {trainer.restarts}){suffix}"
     if state == TrainerState.RUNNING:
-        epoch = trainer.get("epoch")
-        where = f", global step {epoch}" if epoch is not None else ""
+        where = f", global step {trainer.epoch}" if trainer.epoch is not None else ""
         return f"training {run_id}{where}, {peers} peer{'s' if peers != 1 else ''}{suffix}"
     return f"{state or 'starting'} {run_id}, {peers} peer{'s' if peers != 1 else ''}{suffix}"
-
-
-def _pause_until(status: Mapping[str, Any]) -> str | None:
-    """When a timed pause ends, if the status carries one (``pause.until`` or ``paused_until``)."""
-    pause = status.get("pause")
-    until = pause.get("until") if isinstance(pause, Mapping) else status.get("paused_until")
-    if isinstance(until, (int, float)):
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until))
-    return str(until) if until else None
