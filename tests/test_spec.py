@@ -19,8 +19,8 @@ from hivemindd.wire.spec import (
     ValidationSpec,
     parse_json,
     parse_toml,
-    reference_markdown,
 )
+from hivemindd.wire.spec_reference import reference_markdown
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -203,7 +203,7 @@ def test_a_spec_without_data_says_the_key_is_required() -> None:
 
 def test_the_committed_spec_reference_is_generated_from_the_spec() -> None:
     committed = (Path(__file__).resolve().parents[1] / "docs" / "spec.md").read_text()
-    assert committed == reference_markdown(), "docs/spec.md is stale: python -m hivemindd.wire.spec > docs/spec.md"
+    assert committed == reference_markdown(), "docs/spec.md is stale: python -m hivemindd.wire.spec_reference > docs/spec.md"
 
 
 def test_the_reference_names_every_key_with_its_default_and_unit() -> None:

@@ -22,7 +22,6 @@ import json
 import math
 import posixpath
 import re
-import sys
 import tomllib
 import unicodedata
 from dataclasses import dataclass, field
@@ -172,7 +171,7 @@ class RunSpec:
              "https:// or demo:// URL)")
         need(self.data.train_samples > 0, "data.train_samples",
              "is required: the number of samples in one dataset epoch (> 0)")
-        for section, key, value, meta in _keys(self):
+        for section, key, value, meta in spec_keys(self):
             _check_bounds(value, meta, f"{section}.{key}", where)
         need(bool(re.fullmatch(r"[a-z][a-z0-9_]*", self.model.arch)), "model.arch",
              f"{self.model.arch!r} is not a torchvision model name (e.g. 'resnet50')")
@@ -281,7 +280,7 @@ _SECTION_CLASSES: dict[str, type] = {
 }
 
 
-def _keys(spec: RunSpec | None = None) -> list[tuple[str, str, Any, dict[str, Any]]]:
+def spec_keys(spec: RunSpec | None = None) -> list[tuple[str, str, Any, dict[str, Any]]]:
     """(section, key, value or default, metadata) for every key, in the order of the classes."""
     out = []
     for section, section_cls in _SECTION_CLASSES.items():
@@ -325,18 +324,18 @@ def _check_number(value: float, meta: dict[str, Any], key: str, where: _Locator)
     high = ")" if meta["hi_open"] else "]"
     unit = f" {meta['unit']}" if meta["unit"] else ""
     if isinstance(value, float) and not math.isfinite(value):
-        raise SpecError(where.at(key, f"{key}: must be a finite number in {low}{_num(lo)}, {_num(hi)}{high}{unit}, "
-                                      f"got {value}"))
+        raise SpecError(where.at(key, f"{key}: must be a finite number in {low}{plain_number(lo)}, "
+                                      f"{plain_number(hi)}{high}{unit}, got {value}"))
     ok = (value > lo if meta["lo_open"] else value >= lo) and (value < hi if meta["hi_open"] else value <= hi)
     if not ok:
         if isinstance(value, int) and not meta["lo_open"] and not meta["hi_open"]:
-            message = f"must be between {_num(lo)} and {_num(hi)}{unit}"
+            message = f"must be between {plain_number(lo)} and {plain_number(hi)}{unit}"
         else:
-            message = f"must be in {low}{_num(lo)}, {_num(hi)}{high}{unit}"
+            message = f"must be in {low}{plain_number(lo)}, {plain_number(hi)}{high}{unit}"
         raise SpecError(where.at(key, f"{key}: {message}, got {_short(value)}"))
 
 
-def _num(value: float) -> str:
+def plain_number(value: float) -> str:
     """A bound as a person would write it: 100000, 0.5, 1e-06."""
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
@@ -389,55 +388,6 @@ def _is_url(url: str) -> bool:
     return bool(url) and (url.startswith(_URL_SCHEMES) or "://" not in url)
 
 
-def reference_markdown() -> str:
-    """``docs/spec.md``: every key of a run spec with its default, unit, allowed values and meaning."""
-    out = [
-        "# Run spec reference",
-        "",
-        "<!-- Generated from hivemindd/wire/spec.py by `python -m hivemindd.wire.spec > docs/spec.md`; do not edit. -->",
-        "",
-        "A run spec is a TOML file (`hmctl join --run-id ID --spec FILE.toml`) with the sections below; every",
-        "peer of a run trains with the same spec. Keys left out take their default; unknown keys, wrong types",
-        "and values outside the allowed range are refused with the file, line and key. `[data] train` and",
-        "`[data] train_samples` are required. Strings may not hold control characters and are at most",
-        f"{MAX_STRING_CHARS} characters; a whole spec is at most {MAX_SPEC_BYTES // 1024} KiB. Data locations may not",
-        f"lie under {', '.join(f'`{d}`' for d in SYSTEM_DIRS)}; a host may further refuse its own state directory,",
-        "folders outside its `[host] data_roots`, and loopback or link-local URLs (unless its",
-        "`[host] allow_local_urls` is true): those are the host's settings, not part of the spec.",
-        "",
-        "*Dataset epochs* count passes over `train_samples` samples; *global steps* (hivemind epochs) count",
-        "`target_batch_size` samples from all peers; *local steps* are this host's own optimizer steps.",
-        "To stop training at the end of a schedule, set `[run] max_epochs` to the last milestone.",
-    ]
-    current = ""
-    for section, key, default, meta in _keys():
-        if section != current:
-            current = section
-            out += ["", f"## [{section}]", "", "| key | default | unit | allowed | meaning |", "|---|---|---|---|---|"]
-        out.append(f"| `{key}` | {_md_default(default)} | {meta['unit'] or '–'} | {_md_allowed(default, meta)} "
-                   f"| {meta['doc']} |")
-    return "\n".join(out) + "\n"
-
-
-def _md_default(value: Any) -> str:
-    if isinstance(value, tuple):
-        return "`[" + ", ".join(f"{_num(v)}" for v in value) + "]`"
-    if isinstance(value, str):
-        return f'`"{value}"`'
-    return f"`{value!r}`" if isinstance(value, float) else f"`{value}`"
-
-
-def _md_allowed(default: Any, meta: dict[str, Any]) -> str:
-    if meta["choices"]:
-        return ", ".join(f"`{c}`" for c in meta["choices"])
-    if meta["lo"] is None:
-        return "text" if isinstance(default, str) else "–"
-    low = "(" if meta["lo_open"] else "["
-    high = ")" if meta["hi_open"] else "]"
-    kind = "integer " if isinstance(default, int) else "list of " if isinstance(default, tuple) else ""
-    return f"{kind}{low}{_num(meta['lo'])}, {_num(meta['hi'])}{high}"
-
-
 class _Locator:
     """Turns a dotted key into ``source:line`` using the TOML text, when there is one."""
 
@@ -473,6 +423,3 @@ class _Locator:
         hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})"
         return self.at(dotted, what + hint)
 
-
-if __name__ == "__main__":
-    sys.stdout.write(reference_markdown())
