@@ -8,9 +8,11 @@ from typing import Any
 import pytest
 
 from hivemindd.host.logfile import TrainerLog
-from hivemindd.host.supervisor import RestartPolicy, RestartTracker, Supervisor, TrainerState
+from hivemindd.host.restarts import RestartPolicy, RestartTracker
+from hivemindd.host.supervisor import Supervisor
 from hivemindd.wire.launch import HostSettings, TrainerLaunch
 from hivemindd.wire.spec import RunSpec
+from hivemindd.wire.states import TrainerState
 
 S = TrainerState
 

@@ -26,8 +26,9 @@ from hivemindd.host.logfile import DaemonLogRing, TrainerLog
 from hivemindd.host.observer import Observer
 from hivemindd.host.process import PidFile, ProcessSpawner
 from hivemindd.host.reconciler import Reconciler
+from hivemindd.host.restarts import RestartPolicy
 from hivemindd.host.state import DesiredState, StateError, StatePaths, load_state
-from hivemindd.host.supervisor import PauseChange, RestartPolicy, Supervisor
+from hivemindd.host.supervisor import PauseChange, Supervisor
 from hivemindd.host.swarm_view import SwarmView
 from hivemindd.wire.states import IDLE
 from hivemindd.wire.status import HostStatus, TrainerStatus

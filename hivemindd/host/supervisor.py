@@ -14,7 +14,7 @@ import enum
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -22,6 +22,7 @@ import structlog
 
 from hivemindd.host.logfile import TrainerLog
 from hivemindd.host.process import Spawner, TrainerHandle
+from hivemindd.host.restarts import RestartPolicy, RestartTracker
 from hivemindd.wire.launch import TrainerLaunch
 from hivemindd.wire.states import TrainerEvent as E
 from hivemindd.wire.states import TrainerExit, TrainerState
@@ -49,59 +50,6 @@ _EDGES: dict[TrainerState, set[TrainerState]] = {
     S.BACKOFF: {S.STARTING, S.STOPPED, S.PAUSED},  # delay over / leave / pause
     S.CRASHLOOP: {S.STARTING, S.STOPPED, S.PAUSED},  # cooldown over or user action / leave / pause
 }
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    """How quickly to restart a failed trainer, and when to stop trying for a while."""
-
-    base_delay_s: float = 1.0
-    max_delay_s: float = 60.0
-    jitter: float = 0.1  # ± this fraction, so a swarm that crashed together does not restart in lockstep
-    stable_after_s: float = 60.0  # a run this long resets the failure count
-    crashloop_failures: int = 5
-    crashloop_window_s: float = 300.0
-    crashloop_cooldown_s: float = 300.0
-
-    def delay(self, consecutive_failures: int, rand: float) -> float:
-        """Backoff before restart number ``consecutive_failures`` (1, 2, 4 … capped), jittered."""
-        raw = min(self.max_delay_s, self.base_delay_s * 2 ** max(0, consecutive_failures - 1))
-        return raw * (1 + self.jitter * (2 * rand - 1))
-
-
-@dataclass
-class RestartTracker:
-    """Counts failures against the policy; the clock is injected so tests need no sleeping."""
-
-    policy: RestartPolicy
-    consecutive: int = 0
-    failures: list[float] = field(default_factory=list)
-
-    def record_exit(self, started_at: float, now: float, rand: float, progressed: bool = False,
-                    trained: bool = False) -> tuple[bool, float]:
-        """After an unexpected exit: (crashloop?, seconds to wait before the next start).
-
-        ``progressed``: the run wrote a checkpoint. A trainer that keeps dying but keeps
-        saving progress (the OOM killer, a flaky host) is getting somewhere: it restarts
-        at once every time and never counts towards crashloop, which is for going nowhere.
-        ``trained``: the run took training steps but saved none. It is not going nowhere
-        either (it got past every start-up failure), so it does not count towards
-        crashloop, but its backoff still grows: a trainer that dies after a few steps
-        every time is restarted at the capped delay, never in a busy loop.
-        """
-        if progressed or now - started_at >= self.policy.stable_after_s:
-            self.reset()
-        self.consecutive += 1
-        self.failures = [t for t in self.failures if now - t < self.policy.crashloop_window_s]
-        if not trained:
-            self.failures.append(now)
-        if len(self.failures) >= self.policy.crashloop_failures:
-            return True, self.policy.crashloop_cooldown_s
-        return False, self.policy.delay(self.consecutive, rand)
-
-    def reset(self) -> None:
-        self.consecutive = 0
-        self.failures = []
 
 
 @dataclass(frozen=True)
@@ -134,7 +82,7 @@ class Supervisor:
         spawner: Spawner,
         trainer_log: TrainerLog,
         *,
-        policy: RestartPolicy = RestartPolicy(),
+        policy: RestartPolicy | None = None,
         stop_timeout_s: float = 150.0,
         hang_timeout_s: float = 900.0,
         clock: Callable[[], float] = time.monotonic,
@@ -144,7 +92,7 @@ class Supervisor:
     ) -> None:
         self._spawner = spawner
         self._log = trainer_log
-        self._tracker = RestartTracker(policy)
+        self._tracker = RestartTracker(policy or RestartPolicy())
         self._stop_timeout_s = stop_timeout_s
         self._hang_timeout_s = hang_timeout_s  # no event from the trainer for this long: it is hung
         self._last_event_at = 0.0
