@@ -8,9 +8,10 @@ import pytest
 
 from hivemindd.hmctl.render import describe_pause
 from hivemindd.host.state import DesiredState, StateError, load_state, save_state, utc_iso
-from hivemindd.host.supervisor import PauseChange, Supervisor, TrainerState
+from hivemindd.host.supervisor import PauseChange, Supervisor
 from hivemindd.wire.launch import HostSettings
 from hivemindd.wire.protocol import PauseRequest, RequestError, format_duration, parse_duration
+from hivemindd.wire.states import TrainerState
 from tests.test_supervisor import FakeSpawner, launch, until, with_supervisor
 
 S = TrainerState

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hivemindd.host.supervisor import Supervisor
-from hivemindd.host.supervisor import TrainerState as S
+from hivemindd.wire.states import TrainerState as S
 from tests.test_supervisor import FakeSpawner, launch, until, with_supervisor
 
 
