@@ -30,8 +30,9 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.e2e.conftest import DaemonProcess, wait_until
-from tests.test_notify import FakeSystemd
+from tests.support.daemons import DaemonProcess
+from tests.support.systemd import FakeSystemd
+from tests.support.waiting import wait_until
 
 DEMO_SPEC = Path(__file__).resolve().parents[1] / "hivemindd" / "examples" / "demo.toml"
 PRODUCTION = ("--heartbeat", "30", "--ttl", "90")  # DaemonProcess's test cadence (1 s) would inflate idle CPU

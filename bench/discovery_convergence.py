@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.e2e.conftest import DaemonProcess, wait_until
 from tests.gcs_emulator import GcsEmulator
+from tests.support.daemons import DaemonProcess
+from tests.support.waiting import wait_until
 
 
 def converge(n: int, discovery: str, root: Path, heartbeat: float) -> float:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.e2e.conftest import DaemonProcess
+from tests.support.daemons import DaemonProcess
 
 
 def timed(cmd: list[str], runs: int) -> list[float]:

@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.e2e.conftest import TEST_SPEC, DaemonProcess, wait_until
+from tests.support.daemons import DaemonProcess
+from tests.support.specs import spec_toml
+from tests.support.waiting import wait_until
 
 EVERY_STEPS = 5
 
@@ -34,7 +36,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="hmb", dir="/tmp"))
     (root / "disc").mkdir()
     spec = root / "tiny.toml"
-    spec.write_text(TEST_SPEC)
+    spec.write_text(spec_toml())
     daemon = DaemonProcess(root / "d", root / "disc").start()
     try:
         start = time.monotonic()

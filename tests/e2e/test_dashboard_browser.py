@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -25,20 +24,21 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import TEST_SPEC, DaemonProcess, check_schema, wait_until
+from tests.support.daemons import DaemonProcess, daemon_at
+from tests.support.dirs import short_dir
+from tests.support.repo import REPO, check_schema
+from tests.support.specs import spec_toml
+from tests.support.waiting import wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.timeout(300)
 
 
 class Pair:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        (root / "discovery").mkdir()
-        self.spec = root / "spec.toml"
-        self.spec.write_text(TEST_SPEC.replace("every_steps = 1000", "every_steps = 8"))
-        self.a = DaemonProcess(root / "a", root / "discovery", "--http", "127.0.0.1:0")
-        self.b = DaemonProcess(root / "b", root / "discovery")
+    """Daemon A (with the loopback listener) and daemon B, both joined to one run and training it."""
+
+    def __init__(self, a: DaemonProcess, b: DaemonProcess) -> None:
+        self.a, self.b = a, b
 
     def url(self) -> str:
         return str(self.a.status()["http"]["url"])
@@ -49,19 +49,14 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
-    p = Pair(Path(tempfile.mkdtemp(prefix="hmdb", dir="/tmp")))
-    try:
-        p.a.start()
-        p.b.start()
-        joined = p.a.hmctl("join", "--run-id", "demo", "--spec", str(p.spec), "--batch-size", "16", "--device", "cpu")
+    with short_dir("hmdb") as root, daemon_at(root / "a", "--http", "127.0.0.1:0") as a, daemon_at(root / "b") as b:
+        spec = root / "spec.toml"
+        spec.write_text(spec_toml({"validation": {"every_steps": 8}}))
+        joined = a.hmctl("join", "--run-id", "demo", "--spec", str(spec), "--batch-size", "16", "--device", "cpu")
         assert joined.returncode == 0, joined.stderr
-        joined = p.b.hmctl("join", "--run-id", "demo", "--batch-size", "16", "--device", "cpu")
+        joined = b.hmctl("join", "--run-id", "demo", "--batch-size", "16", "--device", "cpu")
         assert joined.returncode == 0, joined.stderr
-        yield p
-    finally:
-        for d in (p.a, p.b):
-            d.reap()
-        shutil.rmtree(p.root, ignore_errors=True)
+        yield Pair(a, b)
 
 
 def both_training(p: Pair) -> dict[str, Any] | None:
@@ -169,7 +164,7 @@ def test_metrics_on_the_listener_parse_as_prometheus(pair: Pair) -> None:
 
 # --- the page alone, against canned answers (no daemons): what it draws for given metrics -------------------
 
-STATIC = Path(__file__).resolve().parent.parent / "hivemindd" / "api" / "dashboard" / "static"
+STATIC = REPO / "hivemindd" / "api" / "dashboard" / "static"
 
 
 def _system_rows(gpu: bool) -> dict[str, list[Any]]:

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +34,12 @@ from hivemindd.api.auth import (
 from hivemindd.cli import main as cli_main
 from hivemindd.hmctl.client import Client
 from hivemindd.wire.protocol import EX_NOPERM
-from tests.e2e.conftest import REPO, DaemonProcess, check_schema
+from tests.support.daemons import DaemonProcess, daemon_at
+from tests.support.dirs import short_dir
+from tests.support.repo import REPO, check_schema
+from tests.support.users import IS_ROOT, NOBODY, STRANGER, as_user
 
 pytestmark = pytest.mark.timeout(180)
-
-NOBODY = 65534  # in group nogroup (65534) through its primary gid: an operator below
-STRANGER = 65533  # no passwd entry, no groups: read-only
-IS_ROOT = os.geteuid() == 0
-
 
 @pytest.mark.parametrize("uid, gids, expected", [
     (0, set(), Access.FULL),  # root
@@ -85,12 +81,10 @@ def test_refusal_says_which_group_to_join() -> None:
 
 
 class Live:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.sock_dir = root / "run"
-        self.daemon = DaemonProcess(root / "state", root / "discovery", "--socket", str(self.sock_dir / "hm.sock"),
-                                    "--operator-group", "nogroup", "--http", "127.0.0.1:0")
-        self.daemon.client.socket_path = self.sock_dir / "hm.sock"
+    """A daemon whose operator group is nogroup (NOBODY is in it), and clients acting as other users."""
+
+    def __init__(self, daemon: DaemonProcess) -> None:
+        self.daemon = daemon
 
     def exchange_as(self, uid: int, method: str, path: str, body: str | None = None) -> tuple[int, Any]:
         client = Client(self.daemon.client.socket_path, timeout=30)
@@ -111,46 +105,13 @@ class Live:
         return code, output
 
 
-def as_user(uid: int, action: Callable[[], Any]) -> Any:
-    """Run ``action`` in a forked child that became ``uid`` (gid ``uid``, no other groups): real other credentials.
-
-    Forked rather than exec'ed because this interpreter may live where other users cannot read it.
-    """
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: drop privileges for good, act, report, and leave without cleanup
-        try:
-            os.close(read_fd)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            assert os.geteuid() == uid
-            outcome = {"ok": action()}
-        except BaseException as exc:
-            outcome = {"error": repr(exc)}
-        os.write(write_fd, json.dumps(outcome).encode())
-        os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        raw = pipe.read()
-    os.waitpid(pid, 0)
-    outcome = json.loads(raw)
-    assert "error" not in outcome, outcome["error"]
-    return outcome["ok"]
-
-
 @pytest.fixture(scope="module")
 def live() -> Iterator[Live]:
-    root = Path(tempfile.mkdtemp(prefix="hma", dir="/tmp"))
-    os.chmod(root, 0o755)  # a runtime dir others can traverse, as systemd's RuntimeDirectory
-    (root / "discovery").mkdir()
-    world = Live(root)
-    try:
-        world.daemon.start()
-        yield world
-    finally:
-        world.daemon.reap()
-        shutil.rmtree(root, ignore_errors=True)
+    with short_dir("hma") as root:
+        os.chmod(root, 0o755)  # a runtime dir others can traverse, as systemd's RuntimeDirectory
+        with daemon_at(root / "state", "--operator-group", "nogroup", "--http", "127.0.0.1:0",
+                       socket=root / "run" / "hm.sock") as daemon:
+            yield Live(daemon)
 
 
 def test_socket_is_world_connectable_because_each_request_is_checked(live: Live) -> None:

@@ -14,9 +14,7 @@ import http.client
 import json
 import os
 import resource
-import shutil
 import socket
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -29,8 +27,12 @@ from hivemindd.api.auth import Access, Authorizer
 from hivemindd.api.connections import ConnectionGate, unix_caller
 from hivemindd.api.routes import Grant, build_app, peer_guard
 from hivemindd.wire.protocol import MAX_BODY_BYTES, MAX_IMAGE_BYTES, RequestError
-from tests.e2e.conftest import TEST_SPEC, DaemonProcess, check_schema, wait_until
-from tests.test_auth import IS_ROOT, STRANGER, as_user
+from tests.support.daemons import DaemonProcess, daemon_at
+from tests.support.dirs import short_dir
+from tests.support.repo import check_schema
+from tests.support.specs import spec_toml
+from tests.support.users import IS_ROOT, STRANGER, as_user
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -192,33 +194,24 @@ def test_the_gate_caps_connections_per_caller_and_ends_idle_ones(short_tmp: Path
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="hmh", dir="/tmp"))
-    os.chmod(root, 0o755)  # other users must reach the socket
-    (root / "discovery").mkdir()
-    (root / "run").mkdir(mode=0o755)
-    try:
+    with short_dir("hmh") as root:
+        os.chmod(root, 0o755)  # other users must reach the socket
+        (root / "run").mkdir(mode=0o755)
         yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def daemon(world: Path) -> Iterator[DaemonProcess]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    low = min(256, hard)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))  # the daemon inherits a low soft limit
     socket_path = world / "run" / "hm.sock"  # in a folder others can reach, as systemd's RuntimeDirectory
-    d = DaemonProcess(world / "state", world / "discovery", "--socket", str(socket_path), "--http", "127.0.0.1:0",
-                      "--crashloop-cooldown", "600")
-    d.client.socket_path = socket_path
-    try:
-        d.start()
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    try:
+    with daemon_at(world / "state", "--http", "127.0.0.1:0", "--crashloop-cooldown", "600", socket=socket_path,
+                   start=False) as d:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))  # the daemon inherits a low soft limit
+        try:
+            d.start()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         yield d
-    finally:
-        d.reap()
 
 
 def open_file_limit(pid: int) -> tuple[str, str]:
@@ -418,7 +411,7 @@ def test_sessions_die_with_the_daemon(daemon: DaemonProcess) -> None:
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to ask as another uid")
 def test_a_read_only_user_sees_no_error_lines_of_a_failing_trainer(daemon: DaemonProcess, world: Path) -> None:
-    spec = TEST_SPEC.replace('"demo://shapes/train"', f'"{world}/no-data/train-{{00000..00003}}.tar"')
+    spec = spec_toml({"data": {"train": f"{world}/no-data/train-{{00000..00003}}.tar"}})
     daemon.call("join", {"run_id": "broken", "spec_toml": spec, "device": "cpu", "batch_size": 8})
     try:
         lines = wait_until(lambda: daemon.trainer()["error_lines"], 180, "the owner to see the trainer's error lines")

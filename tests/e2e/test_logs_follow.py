@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import io
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,29 +14,16 @@ import pytest
 
 from hivemindd.hmctl.commands import since_time
 from hivemindd.host.logfile import DaemonLogRing, timed
-from hivemindd.host.state import DesiredState, StatePaths, save_state, write_atomic
-from hivemindd.wire.launch import HostSettings
 from hivemindd.wire.protocol import LogQuery, RequestError
-from hivemindd.wire.spec import parse_toml
-from tests.e2e.conftest import TEST_SPEC, DaemonProcess, wait_until
+from tests.support.daemons import DaemonProcess, daemon_at, seed_paused_run
+from tests.support.dirs import short_dir
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
-    root = Path(tempfile.mkdtemp(prefix="hmlg", dir="/tmp"))
-    (root / "discovery").mkdir()
-    paths = StatePaths(root / "a")
-    paths.root.mkdir(mode=0o700)
-    write_atomic(paths.run_spec("pz"), parse_toml(TEST_SPEC).to_json().encode())
-    save_state(paths.state_file, DesiredState().joined("pz", HostSettings(device="cpu", batch_size=16))
-               .with_paused(True, time.time() + 3600))  # joined but paused: no trainer needs the cores
-    d = DaemonProcess(paths.root, root / "discovery")
-    try:
-        d.start()
+    with short_dir("hmlg") as root, daemon_at(seed_paused_run(root / "a").root) as d:  # paused: no trainer needs the cores
         yield d
-    finally:
-        d.reap()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_the_ring_keeps_whole_lines_and_passes_them_on() -> None:

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import socket
-import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -25,7 +23,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from hivemindd.wire.protocol import MAX_BODY_BYTES, MAX_IMAGE_BYTES, MAX_NESTING, ROUTES
-from tests.e2e.conftest import DaemonProcess, check_schema
+from tests.support.daemons import DaemonProcess, daemon_at
+from tests.support.dirs import short_dir
+from tests.support.repo import check_schema
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -36,15 +36,8 @@ PATHS = [*sorted({r.path for r in ROUTES.values()}), "/", "/v1", "/v1/", "/v2/st
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
-    root = Path(tempfile.mkdtemp(prefix="hmf", dir="/tmp"))
-    (root / "discovery").mkdir()
-    d = DaemonProcess(root / "a", root / "discovery")
-    try:
-        d.start()
+    with short_dir("hmf") as root, daemon_at(root / "a") as d:
         yield d
-    finally:
-        d.reap()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=80)

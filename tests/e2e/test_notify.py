@@ -2,74 +2,23 @@
 
 from __future__ import annotations
 
-import array
 import asyncio
 import os
 import socket
-import struct
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from hivemindd.service.notify import Notifier, ServiceHeartbeat, status_line
-from tests.e2e.conftest import TEST_SPEC, DaemonProcess, wait_until
-
-
-class FakeSystemd:
-    """A bound AF_UNIX datagram socket, read by a thread as systemd would, recording (sender pid, fields)."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address  # what NOTIFY_SOCKET says: a path, or '@name' for the abstract namespace
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # systemd checks the sender's pid too
-        self.sock.settimeout(0.1)
-        self.seen: list[tuple[int, dict[str, str]]] = []
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while not self._closed.is_set():
-            try:
-                data, ancdata, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("3i")))
-            except (TimeoutError, OSError):
-                continue
-            pid = -1
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    pid = array.array("i", payload[: struct.calcsize("3i")])[0]
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
-            with self._lock:
-                self.seen.append((pid, fields))
-
-    def snapshot(self) -> list[tuple[int, dict[str, str]]]:
-        with self._lock:
-            return list(self.seen)
-
-    def values(self, key: str) -> list[str]:
-        return [fields[key] for _, fields in self.snapshot() if key in fields]
-
-    def wait_for(self, key: str, value: str, timeout: float = 90, prefix: bool = False) -> dict[str, str]:
-        """The first notification whose ``key`` equals ``value`` (or starts with it, with ``prefix``)."""
-        def probe() -> dict[str, str] | None:
-            for _, fields in self.snapshot():
-                got = fields.get(key)
-                if got is not None and (got.startswith(value) if prefix else got == value):
-                    return fields
-            return None
-
-        return wait_until(probe, timeout, f"{key}={value} from the daemon", interval=0.05)
-
-    def close(self) -> None:
-        self._closed.set()
-        self._reader.join(timeout=5)
-        self.sock.close()
+from hivemindd.wire.status import HostStatus
+from tests.support.daemons import daemon_at
+from tests.support.specs import spec_toml
+from tests.support.systemd import FakeSystemd
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
@@ -148,20 +97,25 @@ def test_a_vanished_socket_does_not_raise(short_tmp: Path) -> None:
     notifier.close()
 
 
+def line(raw: dict[str, Any]) -> str:
+    """The STATUS= line for a status answer as the API sends it (JSON)."""
+    return status_line(HostStatus.from_dict(raw))
+
+
 def test_status_line_says_what_a_person_wants_to_know() -> None:
     idle = {"run_id": None, "peers": 0, "trainer": {"state": "stopped"}, "dht": {"alive": True},
             "discovery": {"state": "ok"}}
-    assert status_line(idle) == "idle, not joined"
-    assert status_line({**idle, "discovery": {"state": "degraded"}}) == "idle, not joined (discovery degraded)"
+    assert line(idle) == "idle, not joined"
+    assert line({**idle, "discovery": {"state": "degraded"}}) == "idle, not joined (discovery degraded)"
     training = {**idle, "run_id": "imagenet-distributed", "peers": 3, "trainer": {"state": "running", "epoch": 12}}
-    assert status_line(training) == "training imagenet-distributed, global step 12, 3 peers"
+    assert line(training) == "training imagenet-distributed, global step 12, 3 peers"
     crash = {**idle, "run_id": "r", "trainer": {"state": "crashloop", "last_error": "data.train: no shard readable\nTraceback"}}
-    assert status_line(crash) == "crashloop: data.train: no shard readable"
+    assert line(crash) == "crashloop: data.train: no shard readable"
     paused = {**idle, "run_id": "r", "paused": True, "pause": {"until": "2030-01-01T10:00:00Z"}}
-    assert status_line(paused) == "paused until 2030-01-01T10:00:00Z, run r"
-    assert status_line({**idle, "run_id": "r", "paused": True}) == "paused, run r"
+    assert line(paused) == "paused until 2030-01-01T10:00:00Z, run r"
+    assert line({**idle, "run_id": "r", "paused": True}) == "paused, run r"
     backoff = {**idle, "run_id": "r", "trainer": {"state": "backoff", "restarts": 2, "retry_in_s": 3.2}}
-    assert status_line(backoff) == "restarting r after a failure (restarts: 2)"  # no countdown: it would change every tick
+    assert line(backoff) == "restarting r after a failure (restarts: 2)"  # no countdown: it would change every tick
 
 
 def test_heartbeat_sends_status_only_on_change_and_pings_from_the_loop(fake_systemd: FakeSystemd) -> None:
@@ -202,11 +156,9 @@ def test_daemon_notifies_ready_status_watchdog_and_stopping(short_tmp: Path, fak
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """systemd's view of a real daemon: READY once it answers, STATUS as things change, pings, STOPPING at SIGTERM."""
     discovery = short_tmp / "disc"  # missing at first: the daemon starts degraded and recovers by itself
-    daemon = DaemonProcess(short_tmp / "d", discovery)
     monkeypatch.setenv("NOTIFY_SOCKET", fake_systemd.address)
     monkeypatch.setenv("WATCHDOG_USEC", "2000000")  # what WatchdogSec=2 would set: a ping every second
-    try:
-        daemon.start()
+    with daemon_at(short_tmp / "d", discovery=discovery) as daemon:
         assert daemon.proc is not None
         ready = fake_systemd.wait_for("READY", "1")
         assert daemon.client.reachable(), "READY=1 only once the control API answers"
@@ -216,7 +168,7 @@ def test_daemon_notifies_ready_status_watchdog_and_stopping(short_tmp: Path, fak
         wait_until(lambda: len(fake_systemd.values("WATCHDOG")) >= 2, 30, "two watchdog pings (every 1 s)")
 
         spec = short_tmp / "t.toml"
-        spec.write_text(TEST_SPEC)
+        spec.write_text(spec_toml())
         joined = daemon.hmctl("join", "--run-id", "svc", "--spec", str(spec))
         assert joined.returncode == 0, joined.stderr
         fake_systemd.wait_for("STATUS", "training svc", timeout=120, prefix=True)
@@ -228,5 +180,3 @@ def test_daemon_notifies_ready_status_watchdog_and_stopping(short_tmp: Path, fak
         assert stopping == [{"STOPPING": "1", "STATUS": "stopping: the trainer checkpoints first"}]
         # NotifyAccess=main: every datagram must come from the process systemd started (it never forks itself).
         assert {pid for pid, _ in fake_systemd.snapshot()} == {daemon.proc.pid}
-    finally:
-        daemon.reap()

@@ -10,10 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import shutil
 import struct
-import tempfile
-import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,15 +21,17 @@ import torch
 from PIL import Image
 
 from hivemindd.host.observer import MAX_PREDICT_WAITING, Observer
-from hivemindd.host.state import DesiredState, StatePaths, save_state, write_atomic
+from hivemindd.host.state import StatePaths, write_atomic
 from hivemindd.tools.predict import MAX_IMAGE_PIXELS, describe_class
 from hivemindd.tools.predict import main as predict_main
 from hivemindd.trainer.checkpoint import BEST, keep_as, save_checkpoint
 from hivemindd.trainer.model import build_model
-from hivemindd.wire.launch import HostSettings
 from hivemindd.wire.protocol import RequestError
 from hivemindd.wire.spec import parse_toml
-from tests.e2e.conftest import TEST_SPEC, DaemonProcess
+from tests.support.daemons import DaemonProcess, daemon_at, seed_paused_run
+from tests.support.dirs import short_dir
+from tests.support.repo import REPO
+from tests.support.specs import spec_toml
 
 CLASSES = [f"n0000000{i} shape number {i}" for i in range(9)] + ["plain-name"]
 
@@ -46,24 +45,13 @@ def write_checkpoint(folder: Path, arch: str = "resnet18", num_classes: int = 10
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
-    root = Path(tempfile.mkdtemp(prefix="hmpr", dir="/tmp"))
-    (root / "discovery").mkdir()
-    (root / "classes.json").write_text(json.dumps(CLASSES))
-    paths = StatePaths(root / "a")
-    paths.root.mkdir(mode=0o700)
-    spec = TEST_SPEC.replace('image_size = 32', f'image_size = 32\nclasses = "{root / "classes.json"}"')
-    write_atomic(paths.run_spec("pz"), parse_toml(spec).to_json().encode())
-    write_checkpoint(paths.run_dir("pz") / "checkpoints")
-    keep_as(paths.run_dir("pz") / "checkpoints", BEST)
-    save_state(paths.state_file, DesiredState().joined("pz", HostSettings(device="cpu", batch_size=16))
-               .with_paused(True, time.time() + 3600))
-    d = DaemonProcess(paths.root, root / "discovery")
-    try:
-        d.start()
-        yield d
-    finally:
-        d.reap()
-        shutil.rmtree(root, ignore_errors=True)
+    with short_dir("hmpr") as root:
+        (root / "classes.json").write_text(json.dumps(CLASSES))
+        paths = seed_paused_run(root / "a", spec_toml({"data": {"classes": str(root / "classes.json")}}))
+        write_checkpoint(paths.run_dir("pz") / "checkpoints")
+        keep_as(paths.run_dir("pz") / "checkpoints", BEST)
+        with daemon_at(paths.root) as d:
+            yield d
 
 
 def png(path: Path | None = None, colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -154,7 +142,7 @@ class _Planted:
 
 def run_dir_with_spec(tmp_path: Path) -> Path:
     run_dir = tmp_path / "state" / "runs" / "r"
-    write_atomic(run_dir / "spec.json", parse_toml(TEST_SPEC).to_json().encode())
+    write_atomic(run_dir / "spec.json", parse_toml(spec_toml()).to_json().encode())
     return run_dir
 
 
@@ -241,7 +229,7 @@ def test_predict_does_not_read_the_state_dir_for_a_spec(tmp_path: Path, capsys: 
     (state / "identity.key").parent.mkdir(parents=True, exist_ok=True)
     (state / "identity.key").write_text('["a secret"]')
     (tmp_path / "classes.json").symlink_to(state / "identity.key")
-    spec = TEST_SPEC.replace("image_size = 32", f'image_size = 32\nclasses = "{tmp_path / "classes.json"}"')
+    spec = spec_toml({"data": {"classes": str(tmp_path / "classes.json")}})
     write_atomic(run_dir / "spec.json", parse_toml(spec).to_json().encode())
     write_checkpoint(run_dir / "checkpoints")
     code = predict_main([str(png(tmp_path / "x.png") and tmp_path / "x.png"), "--run-dir", str(run_dir),
@@ -254,7 +242,7 @@ def test_every_torch_load_in_the_package_is_weights_only() -> None:
     """Issue 11 item 11: no checkpoint, pretrained file or upload is ever unpickled with code allowed."""
     import ast
 
-    package = Path(__file__).resolve().parents[1] / "hivemindd"
+    package = REPO / "hivemindd"
     calls = []
     for source in package.rglob("*.py"):
         for node in ast.walk(ast.parse(source.read_text(), str(source))):
@@ -271,7 +259,7 @@ def test_the_demo_runs_classes_have_names(tmp_path: Path) -> None:
 
     from hivemindd.trainer.demo_data import CLASS_NAMES
 
-    spec = parse_toml((Path(__file__).resolve().parent.parent / "hivemindd" / "examples" / "demo.toml").read_text())
+    spec = parse_toml((REPO / "hivemindd" / "examples" / "demo.toml").read_text())
     assert spec.data.classes == "" and spec.model.num_classes == len(CLASS_NAMES)
     run_dir = tmp_path / "runs" / "demo"
     write_atomic(run_dir / "spec.json", spec.to_json().encode())
