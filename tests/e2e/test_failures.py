@@ -16,52 +16,31 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import suppress
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
-from tests.e2e.conftest import DaemonProcess, no_process_left, wait_until
+from tests.support.daemons import DaemonProcess, assert_no_process_left, daemon_at, processes_left
+from tests.support.specs import spec_toml
+from tests.support.waiting import wait_until
 
 EVERY_STEPS = 5
-FAST_SPEC = f"""
-[model]
-arch = "shufflenet_v2_x0_5"
-num_classes = 10
-[data]
-train = "demo://shapes/train"
-train_samples = 2000
-image_size = 16
-[optimizer]
-lr = 0.05
-target_batch_size = 64
-milestones = [30]
-[averaging]
-matchmaking_time = 1.0
-averaging_timeout = 5.0
-[checkpoint]
-every_steps = {EVERY_STEPS}
-"""
+# Smaller still than the daemon tests' run: trainers start and stop dozens of times here.
+FAST_RUN: dict[str, Any] = {"model": {"arch": "shufflenet_v2_x0_5"}, "data": {"val": None, "image_size": 16},
+                            "averaging": {"averaging_timeout": 5.0}, "checkpoint": {"every_steps": EVERY_STEPS},
+                            "validation": None}
+FAST_SPEC = spec_toml(FAST_RUN)
 
 
 @pytest.fixture
 def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
-    (short_tmp / "discovery").mkdir()
     (short_tmp / "run.toml").write_text(FAST_SPEC)
-    d = DaemonProcess(short_tmp / "d", short_tmp / "discovery")
-    try:
-        yield d.start()
-    finally:
-        d.reap()
-        deadline = time.monotonic() + 15  # SIGKILLed groups take a moment to be gone from the table
-        while (left := no_process_left(short_tmp)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for line in left:  # reap what a failing test left, then fail loudly about it
-            with suppress(ProcessLookupError, ValueError):
-                os.kill(int(line.split(":")[0]), signal.SIGKILL)
-        assert not left, f"processes left behind: {left}"
+    with daemon_at(short_tmp / "d") as d:
+        yield d
+    assert_no_process_left(short_tmp)  # killed if a failing test left any, and then a failure of its own
 
 
 def join(d: DaemonProcess) -> None:
@@ -170,7 +149,7 @@ def test_sigterm_checkpoints_withdraws_and_exits_in_time(daemon: DaemonProcess) 
 
     payload = torch.load(latest, map_location="cpu", weights_only=True)
     assert payload["step"] >= last["step"]  # written at the stop, not an older one
-    assert not no_process_left(daemon.state_dir)
+    assert not processes_left(daemon.state_dir)
 
 
 @pytest.mark.timeout(900)  # 20 trainer start-ups: about 2-3 min, far more when the two cores are shared
@@ -203,11 +182,10 @@ def test_pause_resume_twenty_times_leaks_nothing(daemon: DaemonProcess) -> None:
     assert daemon_proc.num_fds() <= fds_before + 2, "the daemon leaks file descriptors across pause/resume"
 
 
-def other_daemon(short_tmp: Path, *extra: str) -> DaemonProcess:
-    """A daemon with non-default settings, for the tests that need them (reaped by the caller)."""
-    (short_tmp / "discovery").mkdir(exist_ok=True)
+def other_daemon(short_tmp: Path, *extra: str) -> AbstractContextManager[DaemonProcess]:
+    """A daemon with non-default settings, for the tests that need them; reaped on the way out."""
     (short_tmp / "run.toml").write_text(FAST_SPEC)
-    return DaemonProcess(short_tmp / "d", short_tmp / "discovery", *extra)
+    return daemon_at(short_tmp / "d", *extra)
 
 
 @pytest.mark.timeout(300)
@@ -216,12 +194,10 @@ def test_a_trainer_that_cannot_start_crashloops_without_spinning_and_recovers_on
     from hivemindd.trainer.demo_data import ensure_demo_shards
 
     cooldown = 12.0
-    daemon = other_daemon(short_tmp, "--crashloop-cooldown", str(cooldown))
-    try:
-        daemon.start()
+    with other_daemon(short_tmp, "--crashloop-cooldown", str(cooldown)) as daemon:
         data = short_tmp / "data"  # not there yet: the owner has not copied the shards
         spec = daemon.state_dir.parent / "run.toml"
-        spec.write_text(FAST_SPEC.replace('"demo://shapes/train"', f'"{data}/train-{{00000..00007}}.tar"'))
+        spec.write_text(spec_toml({**FAST_RUN, "data": {**FAST_RUN["data"], "train": f"{data}/train-{{00000..00007}}.tar"}}))
         join(daemon)
         parked = wait_until(lambda: (t := daemon.trainer())["state"] == "crashloop" and t, 120, "crashloop")
         assert "data.train" in parked["last_error"] and "no shards match" in parked["last_error"]
@@ -238,8 +214,6 @@ def test_a_trainer_that_cannot_start_crashloops_without_spinning_and_recovers_on
         shutil.copytree(Path(ensure_demo_shards(demo_cache).train).parent, data)  # the owner fixes the cause
         back = wait_until(lambda: running(daemon, 1), 120, "the trainer to recover by itself")
         assert back["last_error"] is None
-    finally:
-        daemon.reap()
 
 
 def _spawns(daemon: DaemonProcess) -> int:
@@ -249,9 +223,7 @@ def _spawns(daemon: DaemonProcess) -> int:
 @pytest.mark.timeout(300)
 def test_a_hung_trainer_is_killed_restarted_and_reported(short_tmp: Path) -> None:
     # Long enough for a start-up on two busy cores (imports, model, DHT: no event meanwhile), short for a test.
-    daemon = other_daemon(short_tmp, "--hang-timeout", "20")
-    try:
-        daemon.start()
+    with other_daemon(short_tmp, "--hang-timeout", "20") as daemon:
         join(daemon)
         before = wait_until(lambda: running(daemon, 1), 180, "the trainer to take steps", describe=daemon.trainer)
         os.kill(before["pid"], signal.SIGSTOP)  # frozen: alive, but sends nothing
@@ -261,5 +233,3 @@ def test_a_hung_trainer_is_killed_restarted_and_reported(short_tmp: Path) -> Non
         log_text = (daemon.state_dir / "logs" / "trainer.log").read_text()  # what hmctl logs shows
         assert re.search(r"trainer sent nothing for 2\d s \(hang_timeout 20 s\): killing it", log_text)
         assert not psutil.pid_exists(before["pid"]) or psutil.Process(before["pid"]).status() == psutil.STATUS_ZOMBIE
-    finally:
-        daemon.reap()

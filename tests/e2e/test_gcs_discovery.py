@@ -6,17 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import TEST_SPEC, DaemonProcess, wait_until
 from tests.gcs_emulator import GcsEmulator
+from tests.support.daemons import daemon_at
+from tests.support.specs import spec_toml
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(600)
 DISCOVERY = "gs://test-bucket/swarm"
 
 
 def test_daemons_meet_through_the_bucket_and_survive_an_outage(gcs: GcsEmulator, short_tmp: Path) -> None:
-    daemons = [DaemonProcess(short_tmp / name, DISCOVERY) for name in ("a", "b", "c")]
-    try:
-        a, b, c = (d.start() for d in daemons)
+    with (daemon_at(short_tmp / "a", discovery=DISCOVERY) as a, daemon_at(short_tmp / "b", discovery=DISCOVERY) as b,
+          daemon_at(short_tmp / "c", discovery=DISCOVERY) as c):
+        daemons = [a, b, c]
         ids = {d.status()["peer_id"] for d in daemons}
         for d in daemons:
             others = ids - {d.status()["peer_id"]}
@@ -25,12 +27,12 @@ def test_daemons_meet_through_the_bucket_and_survive_an_outage(gcs: GcsEmulator,
         assert a.status()["discovery"] == {**a.status()["discovery"], "url": DISCOVERY, "state": "ok"}
 
         spec = short_tmp / "tiny.toml"
-        spec.write_text(TEST_SPEC)
+        spec.write_text(spec_toml())
         assert a.hmctl("join", "--run-id", "gcsrun", "--spec", str(spec), "--device", "cpu").returncode == 0
         joined = c.hmctl("join", "--run-id", "gcsrun", "--device", "cpu", "--json")  # by run id alone
         assert joined.returncode == 0 and '"created": false' in joined.stdout, joined.stderr
         other = spec.with_name("other.toml")
-        other.write_text(TEST_SPEC.replace("lr = 0.05", "lr = 0.5"))
+        other.write_text(spec_toml({"optimizer": {"lr": 0.5}}))
         clash = b.hmctl("join", "--run-id", "gcsrun", "--spec", str(other))
         assert clash.returncode == 1 and "already exists with a different spec" in clash.stderr
         assert c.hmctl("pause").returncode == 0  # A's trainer alone is enough to see training go on
@@ -48,6 +50,3 @@ def test_daemons_meet_through_the_bucket_and_survive_an_outage(gcs: GcsEmulator,
         assert a.status()["trainer"]["state"] == "running" and a.status()["discovery"]["state"] == "degraded"
         gcs.start()
         wait_until(lambda: a.status()["discovery"]["state"] == "ok", 60, "A to recover by itself")
-    finally:
-        for d in daemons:
-            d.reap()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from hivemindd.discovery.records import PeerRecord
-from tests.e2e.conftest import DaemonProcess, no_process_left, wait_until
+from tests.support.daemons import assert_no_process_left, daemon_at
+from tests.support.dirs import short_dir
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -41,35 +41,26 @@ def plant(folder: Path, count: int, maddrs_per_record: int) -> None:
 
 @pytest.fixture
 def root() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="hmh", dir="/tmp"))
-    try:
+    with short_dir("hmh") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def test_a_daemon_starts_with_only_dead_records_in_the_store(root: Path) -> None:
     discovery = root / "discovery"
     plant(discovery / "hosts", 8, 32)  # what once made p2pd refuse to start: 8 × 32 dead bootstrap addresses
-    daemon = DaemonProcess(root / "a", discovery, "--ttl", "600")  # the planted records stay fresh
-    try:
-        daemon.start()
+    with daemon_at(root / "a", "--ttl", "600", discovery=discovery) as daemon:  # the planted records stay fresh
         status = daemon.status()
         assert status["dht"]["alive"] and status["discovery"]["state"] in ("starting", "ok")
         wait_until(lambda: len([p for p in daemon.call("peers") if p["reachable"] is False]) == 8, 120,
                    "every dead record to be dialled and found unreachable", describe=daemon.log_tail)
         assert daemon.stop() == 0
-    finally:
-        daemon.reap()
-    assert not no_process_left(root)
+    assert_no_process_left(root)
 
 
 def test_a_flood_of_records_leaves_the_dht_alive_and_the_daemon_stoppable(root: Path) -> None:
     discovery = root / "discovery"
     plant(discovery / "hosts", 3000, 4)
-    daemon = DaemonProcess(root / "a", discovery, "--ttl", "600")  # the planted records stay fresh
-    try:
-        daemon.start()
+    with daemon_at(root / "a", "--ttl", "600", discovery=discovery) as daemon:  # the planted records stay fresh
         own = daemon.status()["peer_id"]
         own_record = discovery / "hosts" / f"{own}.json"
         first = wait_until(lambda: own_record.exists() and own_record.stat().st_mtime, 60, "the host's own record")
@@ -81,9 +72,7 @@ def test_a_flood_of_records_leaves_the_dht_alive_and_the_daemon_stoppable(root: 
         status = daemon.status()
         assert status["dht"]["alive"] and status["dht"]["restarts"] == 0
         assert daemon.stop(timeout=120) == 0
-    finally:
-        daemon.reap()
-    assert not no_process_left(root)
+    assert_no_process_left(root)
     log = (root / "a" / "daemon.log").read_text()
     assert "UnpicklingError" not in log and "dht.died" not in log
     assert log.count("dht.dial_failed") <= 3000  # at most once per peer, not once per try

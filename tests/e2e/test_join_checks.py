@@ -7,13 +7,14 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import REPO, TEST_SPEC, DaemonProcess, no_process_left
+from tests.support.daemons import DaemonProcess, assert_no_process_left, daemon_at
+from tests.support.repo import REPO
+from tests.support.specs import spec_toml
 
 
 def _cuda_visible() -> bool:
@@ -24,19 +25,15 @@ def _cuda_visible() -> bool:
 
 @pytest.fixture
 def daemon(short_tmp: Path) -> Iterator[DaemonProcess]:
-    (short_tmp / "discovery").mkdir()
-    d = DaemonProcess(short_tmp / "d", short_tmp / "discovery")
-    try:
-        yield d.start()
-    finally:
-        d.reap()
+    with daemon_at(short_tmp / "d") as d:
+        yield d
 
 
 @pytest.mark.skipif(_cuda_visible(), reason="this machine has a CUDA GPU: --device cuda is fine here")
 def test_join_with_a_device_this_host_lacks_is_refused_at_once(daemon: DaemonProcess, short_tmp: Path) -> None:
     """Issue 10: `hmctl join --device cuda` on a CPU host said "joined" and exited 0; the error came later."""
     spec = short_tmp / "run.toml"
-    spec.write_text(TEST_SPEC)
+    spec.write_text(spec_toml())
     done = daemon.hmctl("join", "--run-id", "mine", "--spec", str(spec), "--device", "cuda")
     assert done.returncode == 1, done
     assert done.stderr.strip() == ("hmctl: host.device: 'cuda' was asked for but torch sees no CUDA GPU "
@@ -45,7 +42,7 @@ def test_join_with_a_device_this_host_lacks_is_refused_at_once(daemon: DaemonPro
     status = daemon.status()
     assert status["run_id"] is None and status["trainer"]["state"] == "stopped"
     assert not (short_tmp / "discovery" / "runs" / "mine").exists()  # a refused join creates no run either
-    err = daemon.api_error("join", {"run_id": "mine", "spec_toml": TEST_SPEC, "device": "mps"})
+    err = daemon.api_error("join", {"run_id": "mine", "spec_toml": spec_toml(), "device": "mps"})
     assert err.status == 409 and err.body["error"]["field"] == "device" and "Apple GPU" in str(err)
 
 
@@ -80,7 +77,4 @@ def test_a_daemon_that_cannot_start_says_why_and_never_stopping(short_tmp: Path)
     assert done.returncode == 78, done
     assert "is in use by another process" in done.stderr
     assert "daemon.stopping" not in done.stderr and "daemon.stopped" not in done.stderr
-    deadline = time.monotonic() + 15
-    while (left := no_process_left(short_tmp)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert left == []
+    assert_no_process_left(short_tmp)

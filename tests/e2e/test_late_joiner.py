@@ -7,14 +7,15 @@ here is made by the discovery agent's dial.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import TEST_SPEC, DaemonProcess, check_schema, wait_until
+from tests.support.daemons import DaemonProcess, daemon_at
+from tests.support.dirs import short_dir
+from tests.support.repo import check_schema
+from tests.support.specs import spec_toml
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -24,14 +25,9 @@ def swarm_ids(d: DaemonProcess) -> set[str]:
 
 
 def test_two_daemons_that_start_apart_meet_through_discovery_alone() -> None:
-    root = Path(tempfile.mkdtemp(prefix="hmm", dir="/tmp"))
-    discovery = root / "discovery"
-    discovery.mkdir()
-    spec = root / "tiny.toml"
-    spec.write_text(TEST_SPEC)
-    a, b = DaemonProcess(root / "a", discovery), DaemonProcess(root / "b", discovery)
-    try:
-        a.start()
+    with short_dir("hmm") as root, daemon_at(root / "a") as a, daemon_at(root / "b", start=False) as b:
+        spec = root / "tiny.toml"
+        spec.write_text(spec_toml())
         assert a.hmctl("join", "--run-id", "meet", "--spec", str(spec)).returncode == 0
         assert a.hmctl("pause").returncode == 0  # no trainer needed: the hosts' own DHT nodes meet
         b.start()  # A's record is under runs/meet/: B, not in a run, starts knowing nobody
@@ -50,21 +46,12 @@ def test_two_daemons_that_start_apart_meet_through_discovery_alone() -> None:
                        describe=lambda d=d: d.call("swarm"))
         log = (root / "b" / "daemon.log").read_text()
         assert "dht.dial_failed" not in log, log  # every dial of a live peer worked the first time
-    finally:
-        for d in (a, b):
-            d.reap()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_host_that_joins_a_running_run_trains_in_the_same_swarm() -> None:
-    root = Path(tempfile.mkdtemp(prefix="hml", dir="/tmp"))
-    discovery = root / "discovery"
-    discovery.mkdir()
-    spec = root / "tiny.toml"
-    spec.write_text(TEST_SPEC)
-    a, b = DaemonProcess(root / "a", discovery), DaemonProcess(root / "b", discovery)
-    try:
-        a.start()
+    with short_dir("hml") as root, daemon_at(root / "a") as a, daemon_at(root / "b", start=False) as b:
+        spec = root / "tiny.toml"
+        spec.write_text(spec_toml())
         joined = a.hmctl("join", "--run-id", "late", "--spec", str(spec), "--batch-size", "16", "--device", "cpu")
         assert joined.returncode == 0, joined.stderr
         # A trains alone for a while: the run is well under way when B arrives.
@@ -91,7 +78,3 @@ def test_a_host_that_joins_a_running_run_trains_in_the_same_swarm() -> None:
                        describe=lambda d=d: d.call("swarm"))
         shown = a.hmctl("status", "--swarm")
         assert shown.returncode == 0 and "2 peer(s)" in shown.stdout, shown.stdout
-    finally:
-        for d in (a, b):
-            d.reap()
-        shutil.rmtree(root, ignore_errors=True)

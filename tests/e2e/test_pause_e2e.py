@@ -8,38 +8,25 @@ trainer; the trainer starts once (~30 s on two cores) when that pause runs out.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from hivemindd.host.state import DesiredState, StatePaths, parse_utc_iso, save_state, utc_iso, write_atomic
-from hivemindd.wire.launch import HostSettings
-from hivemindd.wire.spec import parse_toml
-from tests.e2e.conftest import TEST_SPEC, DaemonProcess, check_schema, wait_until
+from hivemindd.host.state import parse_utc_iso, utc_iso
+from tests.support.daemons import DaemonProcess, daemon_at, seed_paused_run
+from tests.support.dirs import short_dir
+from tests.support.repo import check_schema
+from tests.support.specs import TEST_RUN
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[DaemonProcess]:
-    root = Path(tempfile.mkdtemp(prefix="hmp", dir="/tmp"))
-    (root / "discovery").mkdir()
-    paths = StatePaths(root / "a")
-    paths.root.mkdir(mode=0o700)
-    write_atomic(paths.run_spec("pz"), parse_toml(TEST_SPEC).to_json().encode())
-    host = HostSettings(device="cpu", batch_size=16)
-    save_state(paths.state_file, DesiredState().joined("pz", host).with_paused(True, time.time() + 3600))
-    d = DaemonProcess(paths.root, root / "discovery")
-    try:
-        d.start()
+    with short_dir("hmp") as root, daemon_at(seed_paused_run(root / "a").root) as d:
         yield d
-    finally:
-        d.reap()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def trainer_log(d: DaemonProcess) -> list[str]:
@@ -110,7 +97,7 @@ def test_after_checkpoint_pause_stops_the_trainer_right_after_its_next_checkpoin
     checkpoint_step = int(lines[asked].split("checkpoint at step ")[1].split(":")[0])
     stopping = next(i for i, line in enumerate(lines) if "running -> stopping: paused" in line)
     assert stopping > asked  # it trained on until the checkpoint, then stopped
-    every_steps = 5  # TEST_SPEC's checkpoint cadence: it did not run on to the next one
+    every_steps = TEST_RUN["checkpoint"]["every_steps"]  # the run's checkpoint cadence: it did not run on to the next one
     assert checkpoint_step <= paused["checkpoint_step"] < checkpoint_step + every_steps
     status = daemon.status()
     assert status["paused"] is True and status["pause"]["after_checkpoint"] is False

@@ -11,43 +11,36 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.e2e.conftest import TEST_SPEC, DaemonProcess, check_schema, no_process_left, wait_until
+from tests.support.daemons import DaemonProcess, assert_no_process_left, daemon_at
+from tests.support.dirs import short_dir
+from tests.support.repo import check_schema
+from tests.support.specs import spec_toml
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(900)
 
 
 class Swarm:
-    def __init__(self, root: Path) -> None:
+    """Daemons A and B sharing ``root``'s discovery folder, and the run's spec file."""
+
+    def __init__(self, root: Path, a: DaemonProcess, b: DaemonProcess) -> None:
         self.root = root
         self.discovery = root / "discovery"
-        self.discovery.mkdir()
         self.spec_file = root / "tiny.toml"
-        self.spec_file.write_text(TEST_SPEC)
-        self.a = DaemonProcess(root / "a", self.discovery)
-        self.b = DaemonProcess(root / "b", self.discovery)
+        self.spec_file.write_text(spec_toml())
+        self.a, self.b = a, b
 
 
 @pytest.fixture(scope="module")
 def swarm() -> Iterator[Swarm]:
-    root = Path(tempfile.mkdtemp(prefix="hm", dir="/tmp"))
-    s = Swarm(root)
-    try:
-        s.a.start()
-        s.b.start()
-        yield s
-    finally:
-        for d in (s.a, s.b):
-            d.reap()
-        import shutil
-
-        shutil.rmtree(root, ignore_errors=True)
+    with short_dir("hm") as root, daemon_at(root / "a") as a, daemon_at(root / "b") as b:
+        yield Swarm(root, a, b)
 
 
 def running(d: DaemonProcess, min_step: int = 0) -> dict | None:  # type: ignore[type-arg]
@@ -68,10 +61,11 @@ def test_daemons_find_each_other_before_joining(swarm: Swarm) -> None:
 
 def test_spec_with_a_typo_is_refused_naming_the_key(swarm: Swarm) -> None:
     bad = swarm.root / "typo.toml"
-    bad.write_text(TEST_SPEC.replace("target_batch_size", "target_bacth_size"))
+    spec = spec_toml()
+    bad.write_text(spec.replace("target_batch_size", "target_bacth_size"))
     result = swarm.a.hmctl("join", "--run-id", "typo", "--spec", str(bad))
     assert result.returncode == 1
-    line = TEST_SPEC.splitlines().index("target_batch_size = 64") + 1
+    line = spec.splitlines().index("target_batch_size = 64") + 1
     assert f"{bad}:{line}: unknown key 'optimizer.target_bacth_size' (did you mean 'target_batch_size'?)" in result.stderr
     assert swarm.a.status()["run_id"] is None
     assert not (swarm.discovery / "runs" / "typo").exists()  # nothing published
@@ -205,5 +199,5 @@ def test_logs_follow_streams_new_lines_until_interrupted(swarm: Swarm) -> None:
 def test_clean_shutdown_leaves_no_process(swarm: Swarm) -> None:
     for d in (swarm.a, swarm.b):
         assert d.stop(timeout=90) == 0
-    wait_until(lambda: not no_process_left(swarm.root), 30, "every daemon and trainer process to exit")
+    assert_no_process_left(swarm.root, timeout=30)
     assert not list((swarm.discovery / "runs/demo/peers").glob("Qm*.json"))  # both records withdrawn
