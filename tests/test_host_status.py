@@ -7,7 +7,8 @@ from hivemindd.host.config import build_config
 from hivemindd.host.control import HostControl
 from hivemindd.host.observer import Observer
 from hivemindd.host.reconciler import Reconciler
-from hivemindd.host.state import DesiredState, StatePaths
+from hivemindd.host.state import DesiredState
+from hivemindd.host.statedir import StatePaths
 from hivemindd.host.swarm_view import ProgressRecord, SwarmView
 from hivemindd.wire.launch import HostSettings
 from hivemindd.wire.spec import parse_toml

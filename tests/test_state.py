@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from hivemindd.host.state import DesiredState, StateError, load_state, save_state, write_atomic
+from hivemindd.host.state import DesiredState, load_state, save_state
+from hivemindd.host.statedir import StateError, write_atomic
 from hivemindd.wire.launch import HostSettings
 from hivemindd.wire.protocol import check_run_id
 

@@ -10,7 +10,7 @@ import pytest
 
 from hivemindd.host.config import build_config
 from hivemindd.host.core import Daemon, StartupError
-from hivemindd.host.state import StatePaths
+from hivemindd.host.statedir import StatePaths
 
 
 def mode(path: Path) -> int:

@@ -21,7 +21,8 @@ from hivemindd.host.dht import HostDHT
 from hivemindd.host.logfile import TrainerLog
 from hivemindd.host.observer import Observer
 from hivemindd.host.reconciler import Reconciler
-from hivemindd.host.state import DesiredState, StatePaths, write_atomic
+from hivemindd.host.state import DesiredState
+from hivemindd.host.statedir import StatePaths, write_atomic
 from hivemindd.host.supervisor import Supervisor
 from hivemindd.host.swarm_view import TRAINING, activity
 from hivemindd.wire.launch import HostSettings, check_device

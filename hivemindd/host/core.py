@@ -27,7 +27,8 @@ from hivemindd.host.observer import Observer
 from hivemindd.host.process import PidFile, ProcessSpawner
 from hivemindd.host.reconciler import Reconciler
 from hivemindd.host.restarts import RestartPolicy
-from hivemindd.host.state import DesiredState, StateError, StatePaths, load_state
+from hivemindd.host.state import DesiredState, load_state
+from hivemindd.host.statedir import StateError, StatePaths
 from hivemindd.host.supervisor import PauseChange, Supervisor
 from hivemindd.host.swarm_view import SwarmView
 from hivemindd.wire.states import IDLE

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import structlog
 
-from hivemindd.host.state import write_atomic
+from hivemindd.host.statedir import write_atomic
 
 STALE_WAIT_S = 5.0
 DIAL_TIMEOUT_S = 10.0  # one peer: connect and ping

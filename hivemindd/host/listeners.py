@@ -21,7 +21,7 @@ from hivemindd.api.connections import (
     unix_caller,
 )
 from hivemindd.api.routes import Controller, build_app, peer_guard, token_guard
-from hivemindd.host.state import StatePaths, load_or_create_token
+from hivemindd.host.statedir import StatePaths, load_or_create_token
 
 log = structlog.get_logger(__name__)
 

@@ -21,7 +21,7 @@ import structlog
 from hivemindd import __version__
 from hivemindd.api.dashboard.history import HistoryCache, RunHistory
 from hivemindd.host.logfile import DaemonLogRing, LogLine, TrainerLog, timed
-from hivemindd.host.state import StatePaths
+from hivemindd.host.statedir import StatePaths
 from hivemindd.host.swarm_view import ProgressRecord, SwarmView
 from hivemindd.wire.protocol import HistoryQuery, LogQuery, RequestError
 from hivemindd.wire.spec import RunSpec, SpecError, parse_json

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import psutil
 import structlog
 
-from hivemindd.host.state import write_atomic
+from hivemindd.host.statedir import write_atomic
 from hivemindd.wire.launch import TrainerLaunch
 
 log = structlog.get_logger(__name__)

@@ -18,7 +18,8 @@ import structlog
 from hivemindd.discovery.agent import DiscoveryAgent
 from hivemindd.host.config import DaemonConfig
 from hivemindd.host.dht import HostDHT
-from hivemindd.host.state import DesiredState, StatePaths, save_state
+from hivemindd.host.state import DesiredState, save_state
+from hivemindd.host.statedir import StatePaths
 from hivemindd.host.supervisor import PauseChange, Supervisor
 from hivemindd.wire.launch import HostSettings, TrainerLaunch
 from hivemindd.wire.spec import SpecError, parse_json

@@ -25,7 +25,7 @@ from typing import Any
 import click
 
 from hivemindd.host.config import ConfigError, DaemonConfig, build_config, default_state_dir
-from hivemindd.host.state import write_atomic
+from hivemindd.host.statedir import write_atomic
 from hivemindd.service.units import (
     AGENT_LABEL,
     DAEMON_LABEL,

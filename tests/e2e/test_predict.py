@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from hivemindd.host.observer import MAX_PREDICT_WAITING, Observer
-from hivemindd.host.state import StatePaths, write_atomic
+from hivemindd.host.statedir import StatePaths, write_atomic
 from hivemindd.tools.predict import MAX_IMAGE_PIXELS, describe_class
 from hivemindd.tools.predict import main as predict_main
 from hivemindd.trainer.checkpoint import BEST, keep_as, save_checkpoint

@@ -21,7 +21,8 @@ import psutil
 import pytest
 
 from hivemindd.hmctl.client import ApiError, Client
-from hivemindd.host.state import DesiredState, StatePaths, save_state, write_atomic
+from hivemindd.host.state import DesiredState, save_state
+from hivemindd.host.statedir import StatePaths, write_atomic
 from hivemindd.wire.launch import HostSettings
 from hivemindd.wire.spec import parse_toml
 from tests.support.repo import REPO
