@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from hivemindd.discovery.records import PeerRecord
@@ -76,3 +80,27 @@ def test_a_flood_of_records_leaves_the_dht_alive_and_the_daemon_stoppable(root: 
     log = (root / "a" / "daemon.log").read_text()
     assert "UnpicklingError" not in log and "dht.died" not in log
     assert log.count("dht.dial_failed") <= 3000  # at most once per peer, not once per try
+
+
+def test_a_dht_process_that_dies_is_restarted_shown_and_found_again(root: Path) -> None:
+    """Issue 11 item 3: a dead DHT must not leave the host unreachable for good, and status must say it happened."""
+    with daemon_at(root / "a") as a, daemon_at(root / "b") as b:
+        a_id = a.status()["peer_id"]
+        wait_until(lambda: [p for p in b.call("peers") if p["peer_id"] == a_id and p["reachable"]], 120,
+                   "B to reach A's DHT node", describe=b.log_tail)
+        before = a.status()
+        entries = json.loads((root / "a" / "dht.pids").read_text())
+        dht_pid = next(e["pid"] for e in entries if "p2pd" not in psutil.Process(e["pid"]).name())
+        os.kill(dht_pid, signal.SIGKILL)  # the forked DHT process, as the OOM killer would
+        after = wait_until(lambda: (s := a.status())["dht"]["restarts"] == 1 and s["dht"]["alive"] and s, 120,
+                           "A's DHT to be restarted", describe=a.log_tail)
+        assert after["peer_id"] == a_id, "the restarted node keeps the host's identity"
+        assert "exit code" in (after["dht"]["last_death"] or ""), after["dht"]
+        assert after["maddrs"] != before["maddrs"]  # a new port (tcp/0): the old addresses lead nowhere now
+        # B learns A's new addresses from A's record and reaches the new node.
+        wait_until(lambda: [p for p in b.call("peers") if p["peer_id"] == a_id and p["reachable"]
+                            and p["maddrs"] == after["maddrs"]], 120, "B to reach A's restarted node",
+                   describe=lambda: (b.call("peers"), a.log_tail(20)))
+        assert a.hmctl("status").returncode == 0
+        assert a.stop() == 0 and b.stop() == 0
+    assert_no_process_left(root)
