@@ -13,18 +13,25 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from typing import Any, Self
 
 
-def _known(cls: type[T], raw: Any) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+def _known(cls: type, raw: Any) -> dict[str, Any]:
+    """The keys of ``raw`` that ``cls`` has fields for (a newer daemon may send more; a non-dict gives none)."""
+    names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in raw.items() if k in names} if isinstance(raw, dict) else {}
 
 
+class _Tolerant:
+    """``from_dict``: a part of the status from its JSON, unknown keys ignored, missing ones defaulted."""
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> Self:
+        return cls(**_known(cls, raw))
+
+
 @dataclass(frozen=True)
-class TrainerStatus:
+class TrainerStatus(_Tolerant):
     """``status.trainer``: where the supervisor has this host's trainer and what it last reported.
 
     ``epoch`` is the *global step* (hivemind's epoch: one optimizer step of the whole swarm);
@@ -60,13 +67,9 @@ class TrainerStatus:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, raw: Any) -> TrainerStatus:
-        return cls(**_known(cls, raw))
-
 
 @dataclass(frozen=True)
-class DiscoveryStatus:
+class DiscoveryStatus(_Tolerant):
     """``status.discovery``: the store this host announces itself in, and how it answers."""
 
     url: str = ""
@@ -75,22 +78,14 @@ class DiscoveryStatus:
     last_ok_s_ago: float | None = None
     failures: int = 0  # failed store calls in a row (0 once one succeeds)
 
-    @classmethod
-    def from_dict(cls, raw: Any) -> DiscoveryStatus:
-        return cls(**_known(cls, raw))
-
 
 @dataclass(frozen=True)
-class DhtStatus:
+class DhtStatus(_Tolerant):
     """``status.dht``: the host's DHT node (a node that died is restarted by the daemon)."""
 
     alive: bool = True
     restarts: int = 0
     last_death: str | None = None
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> DhtStatus:
-        return cls(**_known(cls, raw))
 
 
 @dataclass(frozen=True)
