@@ -24,7 +24,8 @@ def test_daemons_meet_through_the_bucket_and_survive_an_outage(gcs: GcsEmulator,
             others = ids - {d.status()["peer_id"]}
             wait_until(lambda d=d, others=others: others <= {p["peer_id"] for p in d.call("peers")}, 30,
                        f"{d.state_dir.name} to list the other two")
-        assert a.status()["discovery"] == {**a.status()["discovery"], "url": DISCOVERY, "state": "ok"}
+        discovery = a.status()["discovery"]  # one read: last_ok_s_ago moves between two
+        assert (discovery["url"], discovery["state"]) == (DISCOVERY, "ok"), discovery
 
         spec = short_tmp / "tiny.toml"
         spec.write_text(spec_toml())
